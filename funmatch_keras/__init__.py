@@ -1,0 +1,13 @@
+"""funmatch_keras: knowledge distillation as function matching, for Keras 3.
+
+Reference: Beyer et al., "Knowledge distillation: A good teacher is patient and
+consistent", CVPR 2022 (arXiv 2106.05237).
+"""
+
+from funmatch_keras import augment, losses
+from funmatch_keras.distiller import Distiller
+from funmatch_keras.losses import DistillationKL
+
+__version__ = "0.1.0"
+
+__all__ = ["Distiller", "DistillationKL", "augment", "losses"]

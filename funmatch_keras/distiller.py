@@ -1,0 +1,199 @@
+"""`Distiller`: a frozen teacher (or ensemble) teaching a student by function matching."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+from keras import ops
+
+from funmatch_keras.losses import DistillationKL, _check_temperature, kl_divergence_from_logits
+
+# Keys a dict batch may carry. Anything else is a typo we report.
+STUDENT_KEY = "student"
+TEACHER_KEY = "teacher"
+TEACHER_LOGITS_KEY = "teacher_logits"
+_BATCH_KEYS = (STUDENT_KEY, TEACHER_KEY, TEACHER_LOGITS_KEY)
+
+
+def _num_classes(model: keras.Model) -> int | None:
+    try:
+        shape = model.output_shape
+    except (AttributeError, ValueError):
+        return None
+    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
+        return None  # several outputs: cannot tell
+    return shape[-1] if shape else None
+
+
+class Distiller(keras.Model):
+    """A student trained to match a frozen teacher's function (no labels in the loss).
+
+    The loss is `T² · KL(teacher ‖ student)` (`losses.DistillationKL`),
+    computed in `compute_loss`, the backend-agnostic Keras 3 hook, so the same
+    code trains under TensorFlow (including `tf.distribute`) and JAX. `call` is
+    the student alone, so `distiller.predict` and `distiller.evaluate` serve the
+    student.
+
+    Teachers are frozen (`trainable=False`), run with `training=False`, their
+    logits cast to float32 and stopped from gradients; an ensemble (a list of
+    teachers) averages the logits. `teacher=None` is allowed when batches carry
+    precomputed `"teacher_logits"` (the paper's "fixed teacher" baseline).
+
+    Batches (the `x` of `fit`/`evaluate`, optionally with labels as `(x, y)`):
+    - an image tensor: both models see it (consistent / function matching);
+    - `{"student": s, "teacher": t}`: per-model views (independent noise,
+      cross-resolution); `t` may be a list with one view per teacher;
+    - `{"student": s, "teacher_logits": l}`: precomputed teacher outputs.
+
+    Labels never enter the loss. With labels, `evaluate` and validation report
+    `student_top1`, `teacher_top1`, `agreement` (same argmax) and `kl`
+    (KL(teacher ‖ student) at T=1), besides `loss`.
+
+    Args:
+        teacher: `keras.Model`, list of them, or `None`. Outputs logits.
+        student: `keras.Model` outputting logits over the same classes.
+        temperature: float > 0. Defaults to `1.0`.
+
+    Example:
+    >>> import numpy as np
+    >>> teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> distiller = Distiller(teacher, student, temperature=2.0)
+    >>> distiller.compile(optimizer="adam")
+    >>> history = distiller.fit(np.random.rand(8, 4), epochs=1, verbose=0)
+    >>> sorted(history.history)
+    ['loss']
+    """
+
+    def __init__(
+        self,
+        teacher: keras.Model | Sequence[keras.Model] | None,
+        student: keras.Model,
+        temperature: float = 1.0,
+        name: str = "distiller",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.temperature = _check_temperature(temperature)
+        if teacher is None:
+            teachers = []
+        elif isinstance(teacher, (list, tuple)):
+            teachers = list(teacher)
+            if not teachers:
+                raise ValueError("`teacher` is an empty list: pass a model, a list of models or None.")
+        else:
+            teachers = [teacher]
+        student_classes = _num_classes(student)
+        for i, model in enumerate(teachers):
+            teacher_classes = _num_classes(model)
+            if None not in (teacher_classes, student_classes) and teacher_classes != student_classes:
+                raise ValueError(
+                    f"Teacher {i} outputs {teacher_classes} classes but the student outputs "
+                    f"{student_classes}: both must predict the same classes. Build the student "
+                    f"with num_classes={teacher_classes}."
+                )
+            # A teacher called inside compute_loss would otherwise be trained (DESIGN §5).
+            model.trainable = False
+        self.teachers = teachers
+        self.student = student
+        self.distillation_loss = DistillationKL(temperature=self.temperature)
+        self.student_top1 = keras.metrics.SparseCategoricalAccuracy(name="student_top1")
+        self.teacher_top1 = keras.metrics.SparseCategoricalAccuracy(name="teacher_top1")
+        self.agreement = keras.metrics.Mean(name="agreement")
+        self.kl = keras.metrics.Mean(name="kl")
+        self._evaluating = False
+
+    @property
+    def teacher(self) -> keras.Model | list[keras.Model] | None:
+        if not self.teachers:
+            return None
+        return self.teachers[0] if len(self.teachers) == 1 else list(self.teachers)
+
+    # -- batch routing -------------------------------------------------------
+
+    @staticmethod
+    def _check_keys(x: dict) -> None:
+        unknown = sorted(set(x) - set(_BATCH_KEYS))
+        if unknown:
+            raise ValueError(
+                f"Unknown batch keys {unknown}; a dict batch may only hold {list(_BATCH_KEYS)}."
+            )
+
+    def _student_input(self, x):
+        if not isinstance(x, dict):
+            return x
+        self._check_keys(x)
+        if STUDENT_KEY not in x:
+            raise ValueError(
+                f"The batch dict has keys {sorted(x)} but no '{STUDENT_KEY}' images for the "
+                "student. Add them, or pass one image tensor that both models see."
+            )
+        return x[STUDENT_KEY]
+
+    def teacher_logits(self, x):
+        """Float32 teacher logits for a batch `x` (precomputed or by running the teachers)."""
+        if isinstance(x, dict) and TEACHER_LOGITS_KEY in x:
+            return ops.stop_gradient(ops.cast(x[TEACHER_LOGITS_KEY], "float32"))
+        if not self.teachers:
+            raise ValueError(
+                "The Distiller has teacher=None, so every batch must be a dict with "
+                f"'{TEACHER_LOGITS_KEY}' (precomputed teacher outputs). Pass a teacher model, "
+                "or use data.train_pipeline(mode='fixed_teacher')."
+            )
+        if isinstance(x, dict):
+            if TEACHER_KEY not in x:
+                raise ValueError(
+                    f"The batch dict has keys {sorted(x)} but neither '{TEACHER_KEY}' images "
+                    f"nor '{TEACHER_LOGITS_KEY}' for the teacher. Add one, or pass one image "
+                    "tensor that both models see."
+                )
+            views = x[TEACHER_KEY]
+        else:
+            views = x
+        if not isinstance(views, (list, tuple)):
+            views = [views] * len(self.teachers)
+        if len(views) != len(self.teachers):
+            raise ValueError(
+                f"The batch holds {len(views)} teacher views for {len(self.teachers)} teachers; "
+                "pass one tensor (shared) or one per teacher."
+            )
+        logits = [
+            ops.cast(model(view, training=False), "float32")
+            for model, view in zip(self.teachers, views)
+        ]
+        mean = logits[0] if len(logits) == 1 else ops.mean(ops.stack(logits), axis=0)
+        return ops.stop_gradient(mean)
+
+    # -- keras.Model hooks -------------------------------------------------
+
+    def call(self, inputs, training=False):
+        return self.student(self._student_input(inputs), training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        teacher_logits = self.teacher_logits(x)
+        loss = self.distillation_loss(teacher_logits, y_pred)
+        if self.losses:  # regularizers of the student, if any
+            loss = loss + ops.sum(self.losses)
+        # Python-level flag read by compute_metrics in the same traced step.
+        self._evaluating = not training
+        if not training:
+            self._update_eval_metrics(y, teacher_logits, y_pred)
+        return loss
+
+    def _update_eval_metrics(self, labels, teacher_logits, student_logits):
+        student_logits = ops.cast(student_logits, "float32")
+        if labels is not None:
+            self.student_top1.update_state(labels, student_logits)
+            self.teacher_top1.update_state(labels, teacher_logits)
+        same = ops.equal(ops.argmax(student_logits, axis=-1), ops.argmax(teacher_logits, axis=-1))
+        self.agreement.update_state(ops.cast(same, "float32"))
+        self.kl.update_state(kl_divergence_from_logits(teacher_logits, student_logits))
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        reported = [self._loss_tracker]
+        if self._evaluating:
+            if y is not None:
+                reported += [self.student_top1, self.teacher_top1]
+            reported += [self.agreement, self.kl]
+        return {metric.name: metric.result() for metric in reported}

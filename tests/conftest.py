@@ -1,0 +1,33 @@
+"""Shared test setup: quiet TensorFlow, two logical CPUs for tf.distribute tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Must happen before TensorFlow initializes its devices: MirroredStrategy tests
+# need two replicas, and this machine has one physical CPU device.
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+except RuntimeError:  # already initialized by an earlier import
+    pass
+
+
+def two_cpu_strategy() -> tf.distribute.MirroredStrategy:
+    """A 2-replica MirroredStrategy over the two logical CPUs."""
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    if len(devices) < 2:
+        pytest.skip("two logical CPU devices are not available")
+    return tf.distribute.MirroredStrategy(devices)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

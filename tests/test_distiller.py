@@ -1,0 +1,197 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import two_cpu_strategy
+from funmatch_keras import Distiller
+from tests.test_losses import numpy_distillation_kl
+
+NUM_CLASSES = 5
+
+
+def mlp(input_dim=6, num_classes=NUM_CLASSES, seed=0, hidden=8):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((input_dim,)), keras.layers.Dense(hidden, activation="relu"),
+         keras.layers.Dense(num_classes)]
+    )
+
+
+def data(rng, n=16, dim=6):
+    return rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, NUM_CLASSES, n)
+
+
+def test_teacher_frozen_and_only_student_trainable(rng):
+    teacher, student = mlp(seed=1), mlp(seed=2)
+    before = [w.copy() for w in teacher.get_weights()]
+    distiller = Distiller(teacher, student, temperature=2.0)
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x, y = data(rng)
+    student_before = [w.copy() for w in student.get_weights()]
+    distiller.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    for a, b in zip(before, teacher.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(student_before, student.get_weights()))
+    trainable = {id(v) for v in distiller.trainable_variables}
+    assert trainable == {id(v) for v in student.trainable_variables}
+
+
+def test_loss_equals_reference_and_labels_do_not_enter(rng):
+    teacher, student = mlp(seed=1), mlp(seed=2)
+    distiller = Distiller(teacher, student, temperature=3.0)
+    distiller.compile(optimizer="sgd")
+    x, y = data(rng)
+    expected = numpy_distillation_kl(teacher.predict(x, verbose=0), student.predict(x, verbose=0), 3.0)
+    with_labels = distiller.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    without = distiller.evaluate(x, batch_size=16, verbose=0, return_dict=True)
+    assert with_labels["loss"] == pytest.approx(expected.mean(), rel=1e-5)
+    assert without["loss"] == pytest.approx(with_labels["loss"], rel=1e-6)
+    assert "student_top1" not in without and "agreement" in without
+
+
+def test_eval_metrics_match_numpy(rng):
+    teacher, student = mlp(seed=1), mlp(seed=2)
+    distiller = Distiller(teacher, student)
+    distiller.compile(optimizer="sgd")
+    x, y = data(rng, n=32)
+    t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
+    logs = distiller.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    assert logs["student_top1"] == pytest.approx(np.mean(s.argmax(1) == y))
+    assert logs["teacher_top1"] == pytest.approx(np.mean(t.argmax(1) == y))
+    assert logs["agreement"] == pytest.approx(np.mean(s.argmax(1) == t.argmax(1)))
+    assert logs["kl"] == pytest.approx(numpy_distillation_kl(t, s, 1.0).mean(), rel=1e-5)
+
+
+def test_training_logs_only_the_loss(rng):
+    distiller = Distiller(mlp(seed=1), mlp(seed=2))
+    distiller.compile(optimizer="sgd")
+    x, y = data(rng)
+    history = distiller.fit(x, y, validation_data=(x, y), epochs=1, verbose=0)
+    assert set(history.history) == {
+        "loss", "val_loss", "val_student_top1", "val_teacher_top1", "val_agreement", "val_kl"
+    }
+
+
+def test_ensemble_is_mean_of_logits(rng):
+    t1, t2, student = mlp(seed=1), mlp(seed=3), mlp(seed=2)
+    x, _ = data(rng)
+    distiller = Distiller([t1, t2], student, temperature=2.0)
+    mean = (t1.predict(x, verbose=0) + t2.predict(x, verbose=0)) / 2
+    np.testing.assert_allclose(distiller.teacher_logits(x).numpy(), mean, atol=1e-6)
+    distiller.compile(optimizer="sgd")
+    loss = distiller.evaluate(x, batch_size=16, verbose=0, return_dict=True)["loss"]
+    assert loss == pytest.approx(numpy_distillation_kl(mean, student.predict(x, verbose=0), 2.0).mean(), rel=1e-5)
+
+
+def test_dict_batches_route_each_view_to_its_model(rng):
+    # Different input sizes make a wrong routing fail loudly.
+    teacher, student = mlp(input_dim=9, seed=1), mlp(input_dim=6, seed=2)
+    distiller = Distiller(teacher, student)
+    distiller.compile(optimizer="sgd")
+    xs, y = data(rng, dim=6)
+    xt, _ = data(rng, dim=9)
+    logs = distiller.evaluate({"student": xs, "teacher": xt}, y, batch_size=16, verbose=0, return_dict=True)
+    expected = numpy_distillation_kl(teacher.predict(xt, verbose=0), student.predict(xs, verbose=0), 1.0)
+    assert logs["loss"] == pytest.approx(expected.mean(), rel=1e-5)
+    np.testing.assert_allclose(distiller.predict({"student": xs, "teacher": xt}, verbose=0),
+                               student.predict(xs, verbose=0), atol=1e-6)
+    distiller.fit({"student": xs, "teacher": xt}, epochs=1, batch_size=8, verbose=0)
+
+
+def test_precomputed_teacher_logits_without_teacher(rng):
+    student = mlp(seed=2)
+    distiller = Distiller(None, student, temperature=2.0)
+    distiller.compile(optimizer="sgd")
+    xs, _ = data(rng)
+    logits = rng.normal(size=(16, NUM_CLASSES)).astype(np.float32)
+    loss = distiller.evaluate(
+        {"student": xs, "teacher_logits": logits}, batch_size=16, verbose=0, return_dict=True
+    )["loss"]
+    expected = numpy_distillation_kl(logits, student.predict(xs, verbose=0), 2.0).mean()
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_errors_name_the_fix(rng):
+    with pytest.raises(ValueError, match="temperature=0"):
+        Distiller(mlp(), mlp(), temperature=0)
+    with pytest.raises(ValueError, match="outputs 7 classes but the student outputs 5"):
+        Distiller(mlp(num_classes=7), mlp(num_classes=5))
+    xs, _ = data(rng)
+    distiller = Distiller(None, mlp())
+    distiller.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="teacher=None.*'teacher_logits'"):
+        distiller.fit(xs, epochs=1, verbose=0)
+    distiller = Distiller(mlp(seed=1), mlp(seed=2))
+    distiller.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="no 'student' images"):
+        distiller.fit({"teacher": xs}, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="neither 'teacher' images nor 'teacher_logits'"):
+        distiller.fit({"student": xs}, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"Unknown batch keys \['studnet'\]"):
+        distiller.fit({"studnet": xs, "teacher": xs}, epochs=1, verbose=0)
+
+
+def one_step_weights(strategy, x, teacher_weights, student_weights):
+    with strategy.scope():
+        teacher, student = mlp(seed=1), mlp(seed=2)
+        teacher.set_weights(teacher_weights)
+        student.set_weights(student_weights)
+        distiller = Distiller(teacher, student, temperature=2.0)
+        distiller.compile(optimizer=keras.optimizers.SGD(0.5))
+    ds = tf.data.Dataset.from_tensor_slices(x).batch(len(x))
+    history = distiller.fit(ds, epochs=1, verbose=0)
+    return student.get_weights(), history.history["loss"][0]
+
+
+def test_mirrored_strategy_matches_one_device(rng):
+    x, _ = data(rng, n=16)
+    tw, sw = mlp(seed=1).get_weights(), mlp(seed=2).get_weights()
+    one_weights, one_loss = one_step_weights(tf.distribute.OneDeviceStrategy("/cpu:0"), x, tw, sw)
+    two_weights, two_loss = one_step_weights(two_cpu_strategy(), x, tw, sw)
+    assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(sw, one_weights))  # the step moved
+    for a, b in zip(one_weights, two_weights):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert two_loss == pytest.approx(one_loss, rel=1e-6)
+
+
+JAX_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, keras
+    assert keras.backend.backend() == "jax"
+    from funmatch_keras import Distiller
+    rng = np.random.default_rng(0)
+    def mlp(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                                 keras.layers.Dense(5)])
+    teacher, student = mlp(1), mlp(2)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = teacher.predict(x, verbose=0).argmax(1)
+    frozen = [w.copy() for w in teacher.get_weights()]
+    d = Distiller(teacher, student, temperature=2.0)
+    d.compile(optimizer=keras.optimizers.Adam(1e-2))
+    h = d.fit(x, y, batch_size=16, epochs=40, verbose=0)
+    logs = d.evaluate(x, y, verbose=0, return_dict=True)
+    assert all(np.array_equal(a, b) for a, b in zip(frozen, teacher.get_weights()))
+    print("LOSS", h.history["loss"][0], h.history["loss"][-1], "AGREE", logs["agreement"])
+    """
+)
+
+
+@pytest.mark.slow
+def test_trains_under_jax_backend(tmp_path):
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", JAX_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("LOSS"))
+    _, first, last, _, agreement = line.split()
+    assert float(last) < 0.5 * float(first)
+    assert float(agreement) > 0.8
