@@ -6,8 +6,9 @@ import keras
 
 # Decay only conv/dense kernels (names ending in "kernel", incl. depthwise ones),
 # never GroupNorm scale/offset or biases (DESIGN §2). Keras matches this regex
-# against each variable's name and *excludes* the variables it finds.
-_NOT_A_KERNEL = r"^(?!.*kernel$)"
+# against each variable's name and *excludes* the variables it finds. Under
+# TensorFlow, Keras matches the underlying tf.Variable, named e.g. "kernel:0".
+_NOT_A_KERNEL = r"^(?!.*kernel(:\d+)?$)"
 
 
 def warmup_cosine(lr: float, total_steps: int, warmup_steps: int):
