@@ -1,0 +1,636 @@
+"""Export a trained student as .keras, SavedModel and TFLite, with parity checks.
+
+Every artifact is written to a temporary path and renamed into place, so a failed
+export never leaves a partial file. `verify` runs an artifact the way it will be
+deployed (one image per call) and compares it with the Keras model it came from.
+
+Example:
+>>> report = export_all(student, "export", ["saved_model", "tflite_int8"],
+...                     eval_images=val_images, representative_data=train_images)
+>>> print(format_report(report))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from funmatch_keras import augment
+
+TFLITE_MODES = ("fp32", "fp16", "dynamic", "int8")
+FORMATS = ("keras", "saved_model") + tuple(f"tflite_{m}" for m in TFLITE_MODES)
+ARTIFACT_KINDS = ("keras", "saved_model", "tflite")
+REPORT_NAME = "export_report.json"
+# The SavedModel input name, and so the TFLite signature's input name.
+INPUT_NAME = "images"
+
+_ARTIFACT_NAMES = {
+    "keras": "student.keras",
+    "saved_model": "saved_model",
+    **{f"tflite_{m}": f"student_{m}.tflite" for m in TFLITE_MODES},
+}
+
+
+class ExportError(RuntimeError):
+    """An export or conversion failed; the message says why and what blocked it."""
+
+
+# --------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------
+
+
+def to_keras(
+    model: keras.Model, path: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Saves `model` in the native Keras format.
+
+    Args:
+        model: keras.Model. The student.
+        path: str. Destination, ending in `.keras`.
+        overwrite: bool. Replace an existing file. Defaults to `False`.
+
+    Returns:
+        The `Path` written.
+
+    Example:
+    >>> to_keras(student, "export/student.keras")
+    """
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"The path must end in `.keras`. Received: path={path}")
+    with _atomic_output(path, overwrite) as tmp:
+        model.save(tmp)
+    return path
+
+
+def to_saved_model(
+    model: keras.Model,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    image_size: int | None = None,
+) -> Path:
+    """Exports `model` as a SavedModel with two serving signatures.
+
+    - `serving_default(images)`: float32 `[None, S, S, 3]`, already in [-1, 1].
+    - `serve_images(images)`: uint8 `[None, None, None, 3]` of any size; applies
+      the evaluation preprocessing (`augment.eval_preprocess`) in the graph.
+
+    Both return `{"logits": ..., "probabilities": softmax(logits)}`.
+
+    Args:
+        model: keras.Model. The student, mapping `[B, S, S, 3]` images to logits.
+        path: str. Destination directory.
+        overwrite: bool. Replace an existing directory. Defaults to `False`.
+        image_size: int. The student's input size S; only needed when the model's
+            input shape is not static. Defaults to `None` (read from the model).
+
+    Returns:
+        The `Path` written.
+
+    Example:
+    >>> to_saved_model(student, "export/saved_model")
+    >>> sm = tf.saved_model.load("export/saved_model")
+    >>> sm.signatures["serve_images"](images=tf.zeros([1, 300, 200, 3], tf.uint8))
+    """
+    size = _image_size(model, image_size)
+
+    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        # Logits in float32 even for a mixed-precision student.
+        logits = tf.cast(model(images, training=False), tf.float32)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
+
+    def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return serve(augment.eval_preprocess(images, size))
+
+    archive = keras.export.ExportArchive()
+    # No `archive.track(model)`: it stores every weight a second time next to
+    # the ones the endpoints capture (keras-team/keras#23553), doubling the
+    # SavedModel on disk and in memory. The cost: the loaded object has no
+    # `.variables` attribute, which serving does not use.
+    archive.add_endpoint(
+        "serving_default",
+        serve,
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, INPUT_NAME)],
+    )
+    archive.add_endpoint(
+        "serve_images",
+        serve_images,
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, INPUT_NAME)],
+    )
+    path = Path(path)
+    with _atomic_output(path, overwrite) as tmp:
+        archive.write_out(str(tmp), verbose=False)
+    return path
+
+
+def to_tflite(
+    model_or_saved_model_path: keras.Model | str | os.PathLike,
+    path: str | os.PathLike,
+    mode: str,
+    representative_data: Any = None,
+    num_calibration: int = 200,
+    overwrite: bool = False,
+) -> Path:
+    """Converts the `serving_default` signature to TFLite (built-in ops only).
+
+    Modes: `"fp32"`; `"fp16"` (float16 weights); `"dynamic"` (int8 weights,
+    float activations); `"int8"` (full integer: int8 weights, activations,
+    input and output, calibrated on `representative_data`).
+
+    Args:
+        model_or_saved_model_path: keras.Model, or the directory of a SavedModel
+            written by `to_saved_model`. A model is exported to a temporary
+            SavedModel first (it needs a static input size; otherwise call
+            `to_saved_model(..., image_size=S)` and pass its directory).
+        path: str. Destination `.tflite` file.
+        mode: str. One of `"fp32"`, `"fp16"`, `"dynamic"`, `"int8"`.
+        representative_data: `tf.data.Dataset`, array or iterable of float image
+            batches in [-1, 1] (`(images, labels)` tuples are fine). Required
+            for `"int8"`. Defaults to `None`.
+        num_calibration: int. Images used for int8 calibration, fed one at a
+            time. Defaults to `200`.
+        overwrite: bool. Replace an existing file. Defaults to `False`.
+
+    Returns:
+        The `Path` written.
+
+    Raises:
+        ExportError: the converter failed; the message names the blocking ops.
+
+    Example:
+    >>> to_tflite("export/saved_model", "export/student_int8.tflite", "int8",
+    ...           representative_data=train_images)
+    """
+    if mode not in TFLITE_MODES:
+        raise ValueError(
+            f"`mode` must be one of {TFLITE_MODES}. Received: mode={mode!r}"
+        )
+    if mode == "int8" and representative_data is None:
+        raise ValueError(
+            "int8 quantization needs calibration images: pass `representative_data` "
+            "(a few hundred training images in [-1, 1]). "
+            "Received: representative_data=None"
+        )
+    path = Path(path)
+    _check_writable(path, overwrite)
+    with _as_saved_model(model_or_saved_model_path) as saved_model_dir:
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            str(saved_model_dir), signature_keys=["serving_default"]
+        )
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if mode != "fp32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode == "fp16":
+            converter.target_spec.supported_types = [tf.float16]
+        if mode == "int8":
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+            # A list, so the converter may iterate it more than once.
+            calibration = list(_iter_images(representative_data, num_calibration))
+            converter.representative_dataset = lambda: ([x[None]] for x in calibration)
+        try:
+            flatbuffer = converter.convert()
+        except Exception as err:  # ConverterError, or a RuntimeError from MLIR
+            raise ExportError(_conversion_message(mode, str(err))) from err
+    with _atomic_output(path, overwrite) as tmp:
+        tmp.write_bytes(flatbuffer)
+    return path
+
+
+def _conversion_message(mode: str, message: str) -> str:
+    ops = set(re.findall(r"'(tf\.\w+)'", message))
+    for listed in re.findall(r"(?:TF Select ops|Custom ops): ([\w, ]+)", message):
+        ops.update(f"tf.{op.strip()}" for op in listed.split(",") if op.strip())
+    blocked = ", ".join(sorted(ops)) or "unknown (see the converter message below)"
+    return (
+        f"TFLite conversion ({mode}) failed; ops with no TFLite built-in kernel: "
+        f"{blocked}. Replace them in the model (SELECT_TF_OPS is not used).\n"
+        f"Converter message (first lines):\n" + "\n".join(message.splitlines()[:20])
+    )
+
+
+@contextlib.contextmanager
+def _as_saved_model(
+    source: keras.Model | str | os.PathLike, image_size: int | None = None
+) -> Iterator[Path]:
+    """Yields a SavedModel directory: `source` itself, or a temporary export."""
+    if not isinstance(source, keras.Model):
+        source = Path(source)
+        if not (source / "saved_model.pb").exists():
+            raise FileNotFoundError(f"No SavedModel at {source} (no saved_model.pb).")
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="funmatch_export_") as tmp:
+        yield to_saved_model(source, Path(tmp) / "saved_model", image_size=image_size)
+
+
+# --------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------
+
+
+def verify(
+    artifact_path: str | os.PathLike,
+    reference_model: keras.Model,
+    images: Any,
+    kind: str | None = None,
+) -> dict[str, Any]:
+    """Runs an exported artifact one image at a time and compares it with Keras.
+
+    Args:
+        artifact_path: str. A `.keras` file, a SavedModel directory or a
+            `.tflite` file.
+        reference_model: keras.Model. The model the artifact was made from.
+        images: float images `[N, S, S, 3]` in [-1, 1] (array, tensor, dataset
+            or iterable of batches).
+        kind: str. `"keras"`, `"saved_model"` or `"tflite"`. Defaults to `None`
+            (inferred from the path).
+
+    Returns:
+        dict with `agreement` (top-1 agreement with `reference_model`, a
+        fraction), `max_abs_logit_diff`, `median_latency_ms` (per image, on this
+        machine), `size_bytes`, `num_images` and `kind`.
+
+    Example:
+    >>> verify("export/student_int8.tflite", student, val_images)["agreement"]
+    0.995
+    """
+    path = Path(artifact_path)
+    kind = kind or _infer_kind(path)
+    if kind not in _RUNNERS:
+        raise ValueError(
+            f"`kind` must be one of {ARTIFACT_KINDS}. Received: kind={kind!r}"
+        )
+    images = np.stack(list(_iter_images(images)))
+    predict = _RUNNERS[kind](path)
+    predict(images[:1])  # warm-up: tracing, allocation
+    logits, latencies = [], []
+    for image in images:
+        start = time.perf_counter()
+        logits.append(predict(image[None]))
+        latencies.append(time.perf_counter() - start)
+    logits = np.concatenate(logits).astype(np.float32)
+    expected = _reference_logits(reference_model, images)
+    return {
+        "kind": kind,
+        "num_images": int(len(images)),
+        "agreement": float(np.mean(logits.argmax(-1) == expected.argmax(-1))),
+        "max_abs_logit_diff": float(np.max(np.abs(logits - expected))),
+        "median_latency_ms": 1000.0 * statistics.median(latencies),
+        "size_bytes": _size_bytes(path),
+    }
+
+
+def _reference_logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    chunks = [
+        keras.ops.convert_to_numpy(model(images[i : i + 64], training=False))
+        for i in range(0, len(images), 64)
+    ]
+    return np.concatenate(chunks).astype(np.float32)
+
+
+# A runner loads an artifact and returns `predict(images[1, S, S, 3]) -> logits`.
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def _keras_runner(path: Path) -> Runner:
+    _register_custom_objects()
+    model = keras.saving.load_model(path, safe_mode=True)
+    call = tf.function(lambda x: model(x, training=False))
+    return lambda x: call(tf.constant(x, tf.float32)).numpy()
+
+
+def _saved_model_runner(path: Path) -> Runner:
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    return lambda x: serve(**{INPUT_NAME: tf.constant(x, tf.float32)})["logits"].numpy()
+
+
+def _tflite_runner(path: Path) -> Runner:
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+    [(input_name, input_details)] = runner.get_input_details().items()
+    output_details = runner.get_output_details()["logits"]
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        q = quantize(x, input_details)
+        return dequantize(runner(**{input_name: q})["logits"], output_details)
+
+    return predict
+
+
+_RUNNERS: dict[str, Callable[[Path], Runner]] = {
+    "keras": _keras_runner,
+    "saved_model": _saved_model_runner,
+    "tflite": _tflite_runner,
+}
+
+
+def quantize(x: np.ndarray, details: dict[str, Any]) -> np.ndarray:
+    """Maps floats to a TFLite tensor's dtype: `round(x / scale) + zero_point`, clipped.
+
+    A float tensor (scale 0) gets `x` unchanged, cast to its dtype.
+    """
+    dtype = np.dtype(details["dtype"])
+    scale, zero_point = details["quantization"]
+    if not np.issubdtype(dtype, np.integer) or scale == 0:
+        return np.asarray(x, dtype)
+    info = np.iinfo(dtype)
+    q = np.round(np.asarray(x, np.float32) / scale) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, details: dict[str, Any]) -> np.ndarray:
+    """Maps a TFLite tensor back to float32: `(q - zero_point) * scale`."""
+    scale, zero_point = details["quantization"]
+    if not np.issubdtype(np.dtype(details["dtype"]), np.integer) or scale == 0:
+        return np.asarray(q, np.float32)
+    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def _infer_kind(path: Path) -> str:
+    if path.suffix == ".keras":
+        return "keras"
+    if path.suffix == ".tflite":
+        return "tflite"
+    if (path / "saved_model.pb").exists():
+        return "saved_model"
+    raise ValueError(
+        f"Cannot tell the artifact kind of {path}: expected a `.keras` file, a "
+        f"`.tflite` file or a SavedModel directory; pass `kind=` explicitly."
+    )
+
+
+# --------------------------------------------------------------------------
+# Everything at once, and the CLI entry point
+# --------------------------------------------------------------------------
+
+
+def export_all(
+    model: keras.Model,
+    out_dir: str | os.PathLike,
+    formats: Iterable[str],
+    *,
+    eval_images: Any,
+    representative_data: Any = None,
+    overwrite: bool = False,
+    num_calibration: int = 200,
+) -> dict[str, Any]:
+    """Exports `model` in several formats, verifies each and writes a report.
+
+    Args:
+        model: keras.Model. The student.
+        out_dir: str. Output directory (created if missing).
+        formats: list of str, from `FORMATS`: `keras`, `saved_model`,
+            `tflite_fp32`, `tflite_fp16`, `tflite_dynamic`, `tflite_int8`.
+        eval_images: float images `[N, S, S, 3]` in [-1, 1] for the parity check.
+        representative_data: calibration images for `tflite_int8` (see
+            `to_tflite`). Defaults to `None`; never taken from `eval_images`,
+            so the parity check is not measured on the calibration set.
+        overwrite: bool. Replace existing artifacts. Defaults to `False`.
+        num_calibration: int. int8 calibration images. Defaults to `200`.
+
+    Returns:
+        The report: `{"model", "image_size", "num_eval_images", "artifacts":
+        {format: {"path", "size_bytes", "agreement", "max_abs_logit_diff",
+        "median_latency_ms"}}}`, also written to `<out_dir>/export_report.json`.
+
+    Example:
+    >>> report = export_all(student, "export", ["keras", "tflite_fp16"],
+    ...                     eval_images=val_images)
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    # Canonical order: the SavedModel (if asked for) is written before the
+    # TFLite files, which are converted from it.
+    formats = [f for f in FORMATS if f in formats]
+    if unknown or not formats:
+        raise ValueError(
+            f"Unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}."
+        )
+    if "tflite_int8" in formats and representative_data is None:
+        raise ValueError(
+            "`tflite_int8` needs calibration images: pass `representative_data` "
+            "(a few hundred training images in [-1, 1]) or drop `tflite_int8`."
+        )
+    out_dir = Path(out_dir)
+    paths = {f: out_dir / _ARTIFACT_NAMES[f] for f in formats}
+    for path in paths.values():  # fail before spending minutes on the others
+        _check_writable(path, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eval_images = np.stack(list(_iter_images(eval_images)))
+    size = _static_size(model) or int(eval_images.shape[1])
+
+    writers: dict[str, Callable[[Path], Any]] = {
+        "keras": lambda p: to_keras(model, p, overwrite),
+        "saved_model": lambda p: to_saved_model(model, p, overwrite, size),
+    }
+    with contextlib.ExitStack() as stack:
+        tflite_formats = [f for f in formats if f.startswith("tflite_")]
+        # Every TFLite variant is converted from one SavedModel export.
+        source = paths.get("saved_model")
+        if tflite_formats and source is None:
+            source = stack.enter_context(_as_saved_model(model, size))
+        for fmt in tflite_formats:
+            writers[fmt] = lambda p, mode=fmt[len("tflite_") :]: to_tflite(
+                source, p, mode, representative_data, num_calibration, overwrite
+            )
+        artifacts = {}
+        for fmt in formats:
+            writers[fmt](paths[fmt])
+            result = verify(paths[fmt], model, eval_images)
+            artifacts[fmt] = {"path": str(paths[fmt]), **result}
+
+    report = {
+        "model": model.name,
+        "image_size": size,
+        "num_eval_images": int(len(eval_images)),
+        "artifacts": artifacts,
+    }
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Renders an `export_all` report as a plain-text table.
+
+    Example:
+    >>> print(format_report(report))
+    format          size  agreement  max|dlogit|  latency ms  path
+    tflite_int8   25.1KB    99.50%    3.1e-01        0.05    export/student_int8.tflite
+    """
+    lines = [
+        f"{'format':<15}{'size':>9}{'agreement':>11}{'max|dlogit|':>13}"
+        f"{'latency ms':>12}  path"
+    ]
+    for fmt, a in report["artifacts"].items():
+        lines.append(
+            f"{fmt:<15}{_human_size(a['size_bytes']):>9}{a['agreement']:>11.2%}"
+            f"{a['max_abs_logit_diff']:>13.1e}{a['median_latency_ms']:>12.3f}"
+            f"  {a['path']}"
+        )
+    n, size = report["num_eval_images"], report["image_size"]
+    lines.append(f"({n} eval images at {size} px; latency per image on this CPU)")
+    return "\n".join(lines)
+
+
+def run_export(
+    workdir: str | os.PathLike,
+    formats: Iterable[str],
+    overwrite: bool = False,
+    eval_images: Any = None,
+    representative_data: Any = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The `funmatch export` entry point: exports `<workdir>/student.keras`.
+
+    Args:
+        workdir: str. A training workdir holding `student.keras`.
+        formats: list of str. See `export_all`.
+        overwrite: bool. Replace existing artifacts. Defaults to `False`.
+        eval_images: float images in [-1, 1] for the parity check. Defaults to
+            `None`: 64 random images, so the logit differences are meaningful
+            but the agreement is not (the report marks `eval_data: synthetic`).
+        representative_data: int8 calibration images. Defaults to `None`.
+        out_dir: str. Defaults to `<workdir>/export`.
+
+    Returns:
+        The report of `export_all`.
+
+    Example:
+    >>> run_export("runs/pets", ["saved_model", "tflite_fp16"], eval_images=val)
+    """
+    workdir = Path(workdir)
+    student_path = workdir / "student.keras"
+    if not student_path.is_file():
+        raise FileNotFoundError(
+            f"no trained student at {student_path}: run `funmatch distill` or "
+            f"`funmatch demo` first"
+        )
+    _register_custom_objects()
+    model = keras.saving.load_model(student_path, safe_mode=True)
+    out_dir = Path(out_dir) if out_dir is not None else workdir / "export"
+    synthetic = eval_images is None
+    if synthetic:
+        size = _static_size(model)
+        if size is None:
+            raise ValueError(
+                "The student has no static input size, so synthetic eval images "
+                "cannot be made: pass `eval_images`."
+            )
+        rng = np.random.default_rng(0)
+        eval_images = rng.uniform(-1, 1, (64, size, size, 3)).astype(np.float32)
+    report = export_all(
+        model,
+        out_dir,
+        formats,
+        eval_images=eval_images,
+        representative_data=representative_data,
+        overwrite=overwrite,
+    )
+    if synthetic:
+        report["eval_data"] = "synthetic"
+        (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _register_custom_objects() -> None:
+    # Loading with safe_mode needs the package's serializable layers (StdConv2D,
+    # ...) registered, which happens when their modules are imported.
+    import funmatch_keras.models  # noqa: F401
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def _static_size(model: keras.Model) -> int | None:
+    """The model's square input size S, or None if it is not static."""
+    shape = tuple(model.inputs[0].shape) if model.inputs else ()
+    if len(shape) != 4 or shape[1] is None or shape[1] != shape[2]:
+        return None
+    return int(shape[1])
+
+
+def _image_size(model: keras.Model, image_size: int | None) -> int:
+    size = image_size or _static_size(model)
+    if size is None:
+        shape = tuple(model.inputs[0].shape) if model.inputs else None
+        raise ValueError(
+            "Cannot read a static square image size from the model's input shape; "
+            f"pass `image_size=`. Received: input shape {shape}"
+        )
+    return int(size)
+
+
+def _iter_images(data: Any, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Yields single float32 images `[S, S, 3]` from arrays, datasets or batches."""
+    if isinstance(data, (np.ndarray, tf.Tensor)):
+        data = [data]
+    count = 0
+    for batch in data:
+        if isinstance(batch, (tuple, list)):  # (images, labels)
+            batch = batch[0]
+        batch = np.asarray(batch, np.float32)
+        for image in batch if batch.ndim == 4 else batch[None]:
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield image
+
+
+def _check_writable(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass --overwrite (overwrite=True) to replace it."
+        )
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yields a temporary sibling of `path`, renamed to `path` on success only."""
+    _check_writable(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _size_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}GB"

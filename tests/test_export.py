@@ -1,0 +1,256 @@
+"""Tests for funmatch_keras.export: every format round-trips with parity.
+
+A tiny conv net is trained for a few seconds on scikit-learn's digits (8x8,
+upscaled to 32x32), so that top-1 agreement measures something real.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.datasets import load_digits
+
+from funmatch_keras import augment
+from funmatch_keras import export as fx
+
+SIZE = 32
+BLANK = np.zeros([1, SIZE, SIZE, 3], np.float32)
+# format -> (minimum top-1 agreement, maximum |logit difference| or None)
+TARGETS = {
+    "keras": (1.0, 1e-4),
+    "saved_model": (1.0, 1e-4),
+    "tflite_fp32": (1.0, 1e-4),
+    "tflite_fp16": (0.995, None),
+    "tflite_dynamic": (0.99, None),
+    "tflite_int8": (0.98, None),
+}
+# A converter message as TF 2.21 prints it for ops without a builtin kernel.
+CONVERTER_MESSAGE = (
+    "Could not translate MLIR to FlatBuffer.<unknown>:0: error: loc(...): "
+    "'tf.Igamma' op is neither a custom op nor a flex op\n"
+    "TF Select ops: MatrixDeterminant\n"
+)
+
+
+def _tiny_student(input_size=SIZE) -> keras.Model:
+    inputs = keras.Input((input_size, input_size, 3), name="images")
+    x = inputs
+    for filters in (16, 32, 64):
+        x = keras.layers.Conv2D(filters, 3, 2, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10)(x), name="tiny_student")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """(train images, train labels, eval images): 32x32x3 floats in [-1, 1]."""
+    data = load_digits()
+    images = data.images.astype(np.float32) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+    images = images.repeat(4, axis=1).repeat(4, axis=2)[..., None].repeat(3, axis=-1)
+    return images[:1400], data.target[:1400], images[1400:1600]
+
+
+@pytest.fixture(scope="module")
+def student(digits):
+    x_train, y_train, _ = digits
+    keras.utils.set_random_seed(0)
+    model = _tiny_student()
+    model.compile(
+        keras.optimizers.Adam(3e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x_train, y_train, epochs=6, batch_size=64, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(student, digits, tmp_path_factory):
+    """All formats exported once; returns (report, out_dir)."""
+    x_train, _, x_eval = digits
+    out_dir = tmp_path_factory.mktemp("export")
+    report = fx.export_all(
+        student,
+        out_dir,
+        fx.FORMATS,
+        eval_images=x_eval,
+        representative_data=tf.data.Dataset.from_tensor_slices(x_train).batch(32),
+        num_calibration=200,
+    )
+    return report, out_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", fx.FORMATS)
+def test_format_meets_parity_target(exported, fmt):
+    report, out_dir = exported
+    result = report["artifacts"][fmt]
+    min_agreement, max_diff = TARGETS[fmt]
+    assert result["agreement"] >= min_agreement, result
+    if max_diff is not None:
+        assert result["max_abs_logit_diff"] <= max_diff, result
+    assert result["size_bytes"] > 0 and result["median_latency_ms"] > 0
+    assert result["num_images"] == 200
+
+
+@pytest.mark.slow
+def test_report_file_and_table(exported):
+    report, out_dir = exported
+    assert json.loads((out_dir / fx.REPORT_NAME).read_text()) == report
+    table = fx.format_report(report)
+    for fmt in fx.FORMATS:
+        assert fmt in table
+    # Quantized files are smaller than the float32 one.
+    sizes = {f: a["size_bytes"] for f, a in report["artifacts"].items()}
+    assert sizes["tflite_int8"] < sizes["tflite_fp16"] < sizes["tflite_fp32"]
+
+
+@pytest.mark.slow
+def test_saved_model_stores_weights_once(exported, student):
+    _, out_dir = exported
+    data = out_dir / "saved_model" / "variables" / "variables.data-00000-of-00001"
+    # float32 weights, plus the checkpoint's small per-tensor overhead.
+    assert data.stat().st_size < 1.2 * 4 * student.count_params()
+
+
+@pytest.mark.slow
+def test_serve_images_preprocesses_any_size(exported):
+    _, out_dir = exported
+    loaded = tf.saved_model.load(str(out_dir / "saved_model"))
+    serve_images = loaded.signatures["serve_images"]
+    serving_default = loaded.signatures["serving_default"]
+    assert list(serving_default.structured_input_signature[1]) == ["images"]
+    rng = np.random.default_rng(0)
+    for shape in [(2, 40, 52, 3), (1, 70, 36, 3)]:
+        raw = tf.constant(rng.integers(0, 256, shape), tf.uint8)
+        manual = augment.eval_preprocess(raw, SIZE)
+        got = serve_images(images=raw)
+        want = serving_default(images=manual)
+        np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-5)
+        np.testing.assert_allclose(np.sum(got["probabilities"], -1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_int8_verify_applies_quantization(exported, student, digits):
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, out_dir = exported
+    path = out_dir / "student_int8.tflite"
+    image = digits[2][:1]
+    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+    inp = runner.get_input_details()["images"]
+    out = runner.get_output_details()["logits"]
+    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+    (in_scale, in_zp), (out_scale, out_zp) = inp["quantization"], out["quantization"]
+    assert in_scale > 0 and out_scale > 0
+    q = np.clip(np.round(image / in_scale) + in_zp, -128, 127).astype(np.int8)
+    logits = (runner(images=q)["logits"].astype(np.float32) - out_zp) * out_scale
+    expected = keras.ops.convert_to_numpy(student(image, training=False))
+    result = fx.verify(path, student, image)
+    assert result["max_abs_logit_diff"] == pytest.approx(
+        np.max(np.abs(logits - expected)), abs=1e-5
+    )
+    assert result["agreement"] == float(logits.argmax() == expected.argmax())
+
+
+def test_quantize_rounds_offsets_and_clips():
+    details = {"dtype": np.int8, "quantization": (0.5, -3)}
+    q = fx.quantize(np.array([0.0, 1.1, 1e3, -1e3]), details)
+    np.testing.assert_array_equal(q, np.array([-3, -1, 127, -128], np.int8))
+    np.testing.assert_allclose(fx.dequantize(q[:2], details), [0.0, 1.0])
+    float_details = {"dtype": np.float32, "quantization": (0.0, 0)}
+    assert fx.quantize(np.array([0.25]), float_details).dtype == np.float32
+
+
+@pytest.fixture
+def untrained():
+    return _tiny_student()
+
+
+def test_unknown_format_lists_valid_ones(untrained, tmp_path):
+    with pytest.raises(ValueError, match="tflite_int8"):
+        fx.export_all(untrained, tmp_path, ["onnx"], eval_images=BLANK)
+
+
+def test_int8_without_representative_data(untrained, tmp_path):
+    with pytest.raises(ValueError, match="representative_data"):
+        fx.export_all(untrained, tmp_path, ["tflite_int8"], eval_images=BLANK)
+    with pytest.raises(ValueError, match="representative_data"):
+        fx.to_tflite(untrained, tmp_path / "m.tflite", "int8")
+    assert not any(tmp_path.iterdir())
+
+
+def test_existing_path_needs_overwrite(untrained, tmp_path):
+    path = tmp_path / "student.keras"
+    fx.to_keras(untrained, path)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        fx.to_keras(untrained, path)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        fx.export_all(untrained, tmp_path, ["keras"], eval_images=BLANK)
+    fx.to_keras(untrained, path, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["student.keras"]
+
+
+def test_run_export_without_student(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained student at .*\\.keras"):
+        fx.run_export(tmp_path, ["keras"])
+
+
+def test_dynamic_input_needs_image_size(tmp_path):
+    model = _tiny_student(input_size=None)
+    with pytest.raises(ValueError, match="image_size"):
+        fx.to_saved_model(model, tmp_path / "sm")
+    fx.to_saved_model(model, tmp_path / "sm", image_size=SIZE)
+    # export_all takes the size from its eval images.
+    fx.export_all(model, tmp_path / "all", ["saved_model"], eval_images=BLANK)
+    for path in (tmp_path / "sm", tmp_path / "all" / "saved_model"):
+        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+        spec = signature.structured_input_signature[1]["images"]
+        assert spec.shape.as_list() == [None, SIZE, SIZE, 3]
+
+
+def test_failed_conversion_leaves_no_file(untrained, tmp_path, monkeypatch):
+    class FailingConverter:
+        target_spec = type("Spec", (), {})()
+
+        def convert(self):
+            raise RuntimeError(CONVERTER_MESSAGE)
+
+    monkeypatch.setattr(
+        tf.lite.TFLiteConverter, "from_saved_model", lambda *a, **k: FailingConverter()
+    )
+    out = tmp_path / "out"
+    with pytest.raises(fx.ExportError, match="tf.Igamma, tf.MatrixDeterminant"):
+        fx.to_tflite(untrained, out / "student.tflite", "fp32")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_real_conversion_failure_names_blocking_op(tmp_path):
+    class Igamma(keras.layers.Layer):
+        def call(self, x):
+            return tf.math.igamma(tf.abs(x) + 1.0, tf.abs(x) + 1.0)
+
+    inputs = keras.Input((8, 8, 3), name="images")
+    x = keras.layers.GlobalAveragePooling2D()(Igamma()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    with pytest.raises(fx.ExportError, match="tf.Igamma"):
+        fx.to_tflite(model, tmp_path / "bad.tflite", "fp32")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_run_export_from_workdir(student, digits, tmp_path):
+    student.save(tmp_path / "student.keras")
+    eval_images = digits[2][:32]
+    report = fx.run_export(tmp_path, ["keras", "tflite_fp32"], eval_images=eval_images)
+    assert (tmp_path / "export" / "student_fp32.tflite").is_file()
+    assert (tmp_path / "export" / fx.REPORT_NAME).is_file()
+    assert report["artifacts"]["tflite_fp32"]["agreement"] == 1.0
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        fx.run_export(tmp_path, ["tflite_fp32"], eval_images=eval_images)
+    report = fx.run_export(tmp_path, ["tflite_fp32"], overwrite=True)
+    assert report["eval_data"] == "synthetic"
