@@ -1,0 +1,261 @@
+"""Loading and saving BiT ResNetV2 weights: official BiT `.npz` and timm files.
+
+One explicit name map (`_name_map`) pairs each Keras variable of a model built
+by `bit.bit_resnet` with its name in the official BiT checkpoints and in timm's
+`resnetv2_*_bit` state dicts; layout conversion lives in `_to_file_layout` and
+`_from_file_layout` only. Keras and BiT store conv kernels as HWIO, timm
+(PyTorch) as OIHW. In BiT naming the norm under `a`/`b`/`c` precedes the conv
+under the same letter (`a/group_norm` is the unit's pre-activation norm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_BIT_PREFIX = "resnet/"
+_CONV = "standardized_conv2d/kernel"
+_UNIT_LAYER = re.compile(r"^block(\d+)_unit(\d+)_([abc])_(norm|conv|proj)$")
+_HEAD_KINDS = ("head_kernel", "head_bias")
+_MAX_LISTED = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """One model variable and its names in the two checkpoint formats."""
+
+    variable: Any
+    bit: str
+    timm: str
+    kind: str  # "conv" (HWIO kernel), "vector", "head_kernel" or "head_bias"
+
+
+def _norm_slots(layer: Any, bit: str, timm: str) -> list[_Slot]:
+    return [
+        _Slot(layer.gamma, f"{bit}/gamma", f"{timm}.weight", "vector"),
+        _Slot(layer.beta, f"{bit}/beta", f"{timm}.bias", "vector"),
+    ]
+
+
+def _name_map(model: keras.Model) -> list[_Slot]:
+    """Maps the variables of a `bit_resnet` model to BiT and timm names."""
+    slots: list[_Slot] = []
+    for layer in model.layers:
+        name = layer.name
+        if name == "root_conv":
+            slots.append(
+                _Slot(layer.kernel, f"root_block/{_CONV}", "stem.conv.weight", "conv")
+            )
+        elif name == "head_norm":
+            slots += _norm_slots(layer, "group_norm", "norm")
+        elif name == "head_logits":
+            slots.append(_Slot(layer.kernel, "head/conv2d/kernel", "head.fc.weight",
+                               "head_kernel"))
+            slots.append(_Slot(layer.bias, "head/conv2d/bias", "head.fc.bias",
+                               "head_bias"))
+        elif match := _UNIT_LAYER.match(name):
+            block, unit, part, kind = match.groups()
+            bit = f"block{block}/unit{unit}/{part}"
+            timm = f"stages.{int(block) - 1}.blocks.{int(unit) - 1}"
+            index = "abc".index(part) + 1  # a/b/c <-> norm1,conv1 / 2 / 3
+            if kind == "norm":
+                slots += _norm_slots(layer, f"{bit}/group_norm", f"{timm}.norm{index}")
+            elif kind == "conv":
+                slots.append(_Slot(layer.kernel, f"{bit}/{_CONV}",
+                                   f"{timm}.conv{index}.weight", "conv"))
+            else:
+                slots.append(_Slot(layer.kernel, f"{bit}/proj/{_CONV}",
+                                   f"{timm}.downsample.conv.weight", "conv"))
+    if not any(slot.bit.startswith("root_block") for slot in slots):
+        raise ValueError(
+            f"Model {model.name!r} is not a BiT ResNetV2 built by `bit_resnet` "
+            "(no layer named 'root_conv')."
+        )
+    return [dataclasses.replace(s, bit=_BIT_PREFIX + s.bit) for s in slots]
+
+
+def _to_file_layout(value: np.ndarray, slot: _Slot, fmt: str) -> np.ndarray:
+    """Keras layout -> file layout (`fmt` is "bit" or "timm")."""
+    if slot.kind == "head_kernel":
+        value = value.reshape((1, 1) + value.shape)  # Dense (C, N) -> 1x1 conv
+    if fmt == "timm" and value.ndim == 4:
+        value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    return value
+
+
+def _from_file_layout(array: np.ndarray, slot: _Slot, fmt: str) -> np.ndarray:
+    """File layout -> Keras layout; the inverse of `_to_file_layout`."""
+    if fmt == "timm" and array.ndim == 4:
+        array = array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if slot.kind == "head_kernel":
+        array = array.reshape(array.shape[2:])
+    return array
+
+
+def _expected_shape(slot: _Slot, fmt: str) -> tuple[int, ...]:
+    zeros = np.zeros(tuple(slot.variable.shape), dtype=np.uint8)
+    return tuple(_to_file_layout(zeros, slot, fmt).shape)
+
+
+def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads every array of an `.npz`, refusing pickled (object) arrays."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint not found: {os.fspath(path)!r}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{os.fspath(path)!r} is a single array, not an .npz.")
+        with data:
+            return {key: data[key] for key in data.files}
+    except ValueError as error:
+        if "pickle" not in str(error):
+            raise
+        raise ValueError(
+            f"Refusing to load {os.fspath(path)!r}: it contains pickled (object) "
+            "arrays, which can run arbitrary code. Re-save it with plain numeric "
+            f"arrays. ({error})"
+        ) from error
+
+
+def _head_wanted(head: bool | str, slots: list[_Slot], arrays: dict, fmt: str) -> bool:
+    if head not in ("auto", True, False):
+        raise ValueError(f"head must be 'auto', True or False. Received: head={head!r}")
+    if head != "auto":
+        return bool(head)
+    kernel = next(s for s in slots if s.kind == "head_kernel")
+    name = getattr(kernel, fmt)
+    found = arrays.get(name)
+    if found is not None and found.shape == _expected_shape(kernel, fmt):
+        return True
+    logger.info(
+        "Keeping the zero-initialized head: the checkpoint's head %s does not "
+        "match the model's %s.",
+        None if found is None else found.shape, _expected_shape(kernel, fmt),
+    )
+    return False
+
+
+def _load(model: keras.Model, arrays: dict[str, np.ndarray], fmt: str,
+          head: bool | str, source: str) -> None:
+    slots = _name_map(model)
+    load_head = _head_wanted(head, slots, arrays, fmt)
+    wanted = [s for s in slots if load_head or s.kind not in _HEAD_KINDS]
+    problems = []
+    for slot in wanted:
+        name, expected = getattr(slot, fmt), _expected_shape(slot, fmt)
+        if name not in arrays:
+            problems.append(f"{name}: expected {expected}, missing")
+        elif arrays[name].shape != expected:
+            problems.append(f"{name}: expected {expected}, found {arrays[name].shape}")
+    if problems:
+        raise ValueError(
+            f"{len(problems)} tensor(s) of {source!r} missing or mis-shaped for "
+            f"model {model.name!r}: " + "; ".join(problems[:_MAX_LISTED])
+            + (" ..." if len(problems) > _MAX_LISTED else "")
+        )
+    for slot in wanted:
+        value = _from_file_layout(arrays[getattr(slot, fmt)], slot, fmt)
+        slot.variable.assign(value.astype(np.float32))
+    known = {getattr(slot, fmt) for slot in slots}
+    unused = sorted(set(arrays) - known)
+    if unused:
+        warnings.warn(
+            f"{len(unused)} tensor(s) in {source!r} were not used, e.g. "
+            f"{unused[:_MAX_LISTED]}",
+            stacklevel=3,
+        )
+
+
+def load_bit_npz(model: keras.Model, path: str | os.PathLike,
+                 head: bool | str = "auto") -> keras.Model:
+    """Loads an official BiT `.npz` checkpoint (HWIO kernels) into `model`.
+
+    Args:
+        model: keras.Model. Built by `bit_resnet` (or a named constructor).
+        path: str or PathLike. The `.npz` file, e.g. `BiT-M-R50x1.npz`.
+        head: "auto", True or False. Whether to load `resnet/head/conv2d/*`:
+            "auto" loads it when its class count matches the model and
+            otherwise keeps the zero head (logged). Defaults to `"auto"`.
+
+    Returns:
+        The same `model`, with its weights assigned in place.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: on pickled arrays, or missing / mis-shaped tensors (nothing
+            is assigned then). Unused tensors only produce a warning.
+
+    Example:
+        >>> model = bit_r50x1(num_classes=37, image_size=128)
+        >>> load_bit_npz(model, "BiT-M-R50x1.npz")  # keeps a zero 37-class head
+    """
+    arrays = _read_npz(path)
+    _load(model, arrays, "bit", head, os.fspath(path))
+    return model
+
+
+def save_bit_npz(model: keras.Model, path: str | os.PathLike) -> None:
+    """Saves `model`'s weights as a BiT `.npz` (official names, HWIO, float32).
+
+    Args:
+        model: keras.Model. Built by `bit_resnet` (or a named constructor).
+        path: str or PathLike. Destination; NumPy appends `.npz` if missing.
+
+    Example:
+        >>> save_bit_npz(bit_r50x1(10, image_size=64), "/tmp/r50x1.npz")
+    """
+    arrays = {
+        slot.bit: _to_file_layout(
+            np.asarray(keras.ops.convert_to_numpy(slot.variable), np.float32), slot,
+            "bit",
+        )
+        for slot in _name_map(model)
+    }
+    np.savez(path, **arrays)
+
+
+def load_timm_bit(model: keras.Model, path: str | os.PathLike,
+                  head: bool | str = "auto") -> keras.Model:
+    """Loads timm `resnetv2_*_bit` weights (`.safetensors` or state-dict `.npz`).
+
+    timm names: `stem.conv.weight`, `stages.{i}.blocks.{j}.norm{1,2,3}.*`,
+    `stages.{i}.blocks.{j}.conv{1,2,3}.weight`,
+    `stages.{i}.blocks.{j}.downsample.conv.weight`, `norm.*`, `head.fc.*`
+    (a 1x1 conv). PyTorch OIHW kernels are transposed to HWIO.
+
+    Args:
+        model: keras.Model. Built by `bit_resnet` (or a named constructor).
+        path: str or PathLike. A `.safetensors` file (read with
+            `safetensors.numpy`) or an `.npz` of the state dict.
+        head: "auto", True or False. As in `load_bit_npz`. Defaults to "auto".
+
+    Returns:
+        The same `model`, with its weights assigned in place.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: on pickled arrays, or missing / mis-shaped tensors.
+
+    Example:
+        >>> model = bit_r152x2(num_classes=1000, image_size=224)
+        >>> load_timm_bit(model, "resnetv2_152x2_bit/model.safetensors")
+    """
+    if os.fspath(path).endswith(".safetensors"):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Checkpoint not found: {os.fspath(path)!r}")
+        from safetensors.numpy import load_file
+
+        arrays = load_file(os.fspath(path))
+    else:
+        arrays = _read_npz(path)
+    _load(model, arrays, "timm", head, os.fspath(path))
+    return model
