@@ -1,0 +1,436 @@
+"""Experiment configs, big_vision style: one `get_config(arg)` program per experiment.
+
+`--config=pets37:variant=fast` runs `configs/pets37.py`'s `get_config("variant=fast")`;
+`--config=/path/my_config.py:arg` runs a file of your own. Command-line overrides
+(`--config.epochs=10`) are applied with `apply_overrides`, then `validate` checks
+the result. Every field, its default and its meaning are declared once, in
+`common.FIELDS`.
+
+Example:
+>>> config = load_config("pets37:variant=fast")
+>>> config = apply_overrides(config, {"epochs": "10", "steps_per_epoch": "5"})
+>>> validate(config)
+>>> config.epochs, config.temperature, config.steps_per_epoch
+(10, 5.0, 5)
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+import pkgutil
+from typing import Any, Mapping
+
+import ml_collections
+
+from funmatch_keras.configs.common import (
+    DATASETS,
+    DTYPES,
+    FIELDS,
+    MODES,
+    NoneType,
+    parse_bool,
+)
+
+__all__ = [
+    "apply_overrides",
+    "diff",
+    "eval_every_epochs",
+    "from_json",
+    "list_configs",
+    "load_config",
+    "to_json",
+    "validate",
+]
+
+# Modules of this package that are helpers, not configs.
+_NOT_CONFIGS = ("common",)
+# Evaluations per run when `eval_every_epochs` is None.
+_DEFAULT_EVALS_PER_RUN = 20
+
+
+def list_configs() -> list[str]:
+    """Names of the shipped configs (modules of `funmatch_keras.configs`).
+
+    Returns:
+        Sorted names, e.g. `["digits", "flowers102", ...]`.
+
+    Example:
+    >>> "pets37" in list_configs()
+    True
+    """
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(__path__)
+        if not info.name.startswith("_") and info.name not in _NOT_CONFIGS
+    )
+
+
+def _split_spec(spec: str) -> tuple[str, str | None, bool]:
+    """`spec` → (name or path, arg, is_path)."""
+    if spec.endswith(".py"):
+        return spec, None, True
+    if ".py:" in spec:
+        path, _, arg = spec.partition(".py:")
+        return path + ".py", arg, True
+    name, has_arg, arg = spec.partition(":")
+    return name, (arg if has_arg else None), False
+
+
+def _module_from_file(path: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file not found. Received: {path!r}")
+    module_name = "funmatch_user_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Builds a config from `name[:arg]` (a shipped config) or `path.py[:arg]`.
+
+    The config is not validated here: apply overrides first, then `validate`.
+
+    Args:
+        spec: str. `"pets37"`, `"pets37:variant=fast"`, `"/path/mine.py"` or
+            `"/path/mine.py:variant=fast"`; a file must define
+            `get_config(arg=None)` returning a `ConfigDict`.
+
+    Returns:
+        The `ml_collections.ConfigDict` returned by `get_config(arg)`.
+
+    Raises:
+        ValueError: unknown config name (the message lists the shipped ones), or
+            a file without `get_config`.
+        FileNotFoundError: a `.py` path that does not exist.
+
+    Example:
+    >>> load_config("imagenet:ensemble=True").teacher_size
+    [224, 384]
+    """
+    target, arg, is_path = _split_spec(spec.strip())
+    if is_path:
+        module = _module_from_file(target)
+    else:
+        if target not in list_configs():
+            raise ValueError(
+                f"Unknown config {target!r}. Available configs: {list_configs()}, or a "
+                f"path to a .py file defining get_config(arg). Received: spec={spec!r}"
+            )
+        module = importlib.import_module(f"{__name__}.{target}")
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ValueError(
+            f"Config {target!r} defines no `get_config(arg=None)` function. "
+            f"Received: spec={spec!r}"
+        )
+    config = get_config(arg)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(
+            f"get_config() of {target!r} must return an ml_collections.ConfigDict. "
+            f"Received: {type(config).__name__}"
+        )
+    return config
+
+
+# -- overrides ---------------------------------------------------------------
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_flat_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+def _unknown_field_error(config: ml_collections.ConfigDict, key: str) -> ValueError:
+    valid = _flat_keys(config)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(
+        f"Unknown config field {key!r} (from --config.{key}).{hint} "
+        f"Valid fields: {', '.join(sorted(valid))}."
+    )
+
+
+def _literal(text: str) -> Any:
+    """Python literal of `text`, or `text` itself when it is not one (a plain string)."""
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _to_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # accepts "1e6" for epochs; rejects "3.5" below
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
+def _to_list(text: str) -> list:
+    value = _literal(text)
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [_literal(item) for item in text.split(",")]
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return " or ".join("None" if t is NoneType else t.__name__ for t in types)
+
+
+def _convert(key: str, current: Any, text: str, field: Any) -> Any:
+    """Converts the command-line string `text` for the field `key` holding `current`."""
+    nullable = current is None or (field is not None and field.nullable)
+    if nullable and text.strip().lower() in ("none", "null"):
+        return None
+    allows_list = field is not None and list in field.types
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError(
+            f"Config field {key!r} is a group of fields ({', '.join(current)}); "
+            f"override one of them, e.g. --config.{key}.{next(iter(current), 'x')}=..."
+        )
+    if current is None or (allows_list and text.strip().startswith("[")):
+        value = _literal(text)
+        if field is not None and not _has_type(value, field.types) and str in field.types:
+            value = text  # e.g. a data_dir named "2024" stays a path
+    else:
+        expected = type(current)
+        converters = {bool: parse_bool, int: _to_int, float: float, str: str,
+                      list: _to_list, tuple: lambda t: tuple(_to_list(t))}
+        try:
+            value = converters[expected](text) if expected in converters else None
+        except ValueError:
+            value = None
+        if value is None:
+            literal = _literal(text)
+            if not isinstance(literal, expected) or (
+                expected is int and isinstance(literal, bool)
+            ):
+                allowed = field.types if field is not None else (expected,)
+                raise ValueError(
+                    f"Config field {key!r} expects {_type_names(allowed)}. Received: {text!r}"
+                )
+            value = literal
+    if field is not None and not _has_type(value, field.types):
+        raise ValueError(
+            f"Config field {key!r} expects {_type_names(field.types)}. Received: {text!r}"
+        )
+    return value
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, str]
+) -> ml_collections.ConfigDict:
+    """Returns a copy of `config` with command-line overrides applied.
+
+    Each string is converted to the type the field holds: int, float, bool
+    (`true`/`false`), str; `None`/`none` clears a field that may be None; a field
+    holding None takes a Python literal (`5`, `0.1`, `[224, 384]`) or else the
+    string itself. A field that may hold a list (`teacher`, `teacher_size`,
+    `teacher_weights`) takes a list literal. Nested fields use dots (`a.b`).
+
+    Args:
+        config: `ml_collections.ConfigDict`. Left unchanged.
+        overrides: mapping from field name to its string value, e.g.
+            `{"epochs": "10"}` from `--config.epochs=10`.
+
+    Returns:
+        A new `ConfigDict`.
+
+    Raises:
+        ValueError: an unknown field (with close matches and the valid fields),
+            or a value that does not convert to the field's type.
+
+    Example:
+    >>> config = load_config("digits")
+    >>> apply_overrides(config, {"epochs": "3", "flip": "true"}).epochs
+    3
+    """
+    config = copy.deepcopy(config)
+    for key, text in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for depth, part in enumerate(parents):
+            child = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+            if not isinstance(child, ml_collections.ConfigDict):
+                raise _unknown_field_error(config, ".".join(parents[: depth + 1] + [leaf]))
+            node = child
+        if leaf not in node:
+            raise _unknown_field_error(config, key)
+        field = FIELDS.get(key) if not parents else None
+        value = _convert(key, node[leaf], str(text), field)
+        try:
+            setattr(node, leaf, value)
+        except TypeError:
+            # ConfigDict keeps a field's first type; a declared union (e.g. a
+            # single teacher becoming an ensemble list) replaces the field.
+            with node.unlocked():
+                del node[leaf]
+                node[leaf] = value
+    return config
+
+
+# -- validation --------------------------------------------------------------
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks a config's fields and values; raises one error listing every problem.
+
+    Args:
+        config: `ml_collections.ConfigDict` with the fields of `common.FIELDS`.
+
+    Raises:
+        ValueError: missing fields, wrong types or invalid values, e.g.
+            `temperature must be > 0. Received: temperature=0.0`.
+
+    Example:
+    >>> validate(load_config("digits"))  # passes silently
+    """
+    errors = []
+    for name, field in FIELDS.items():
+        if name not in config:
+            errors.append(f"missing field {name!r} (build configs with common.base_config)")
+        elif not _has_type(config[name], field.types):
+            errors.append(
+                f"{name} must be {_type_names(field.types)}. Received: {name}={config[name]!r}"
+            )
+    if errors:
+        raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
+
+    def check(ok: bool, message: str, name: str) -> None:
+        if not ok:
+            errors.append(f"{name} {message}. Received: {name}={config[name]!r}")
+
+    check(config.mode in MODES, f"must be one of {MODES}", "mode")
+    check(config.dataset in DATASETS, f"must be one of {DATASETS}", "dataset")
+    for name in ("student_size", "batch_size", "epochs", "eval_batch_size",
+                 "checkpoint_every_steps", "keep_checkpoints"):
+        check(_positive_int(config[name]), "must be a positive int", name)
+    for name in ("steps_per_epoch", "eval_every_epochs", "teacher_epochs"):
+        check(config[name] is None or _positive_int(config[name]),
+              "must be a positive int or None", name)
+    check(config.num_classes is None or (_positive_int(config.num_classes)
+                                         and config.num_classes >= 2),
+          "must be an int >= 2 or None", "num_classes")
+    check(config.warmup_steps >= 0, "must be >= 0", "warmup_steps")
+    check(config.temperature > 0, "must be > 0", "temperature")
+    check(config.lr > 0, "must be > 0", "lr")
+    check(config.weight_decay >= 0, "must be >= 0", "weight_decay")
+    check(0 < config.crop_area_min <= 1, "must be in (0, 1]", "crop_area_min")
+    check(config.dtype in DTYPES, f"must be one of {DTYPES}", "dtype")
+    check(config.teacher_dtype is None or config.teacher_dtype in DTYPES,
+          f"must be None or one of {DTYPES}", "teacher_dtype")
+    _check_teachers(config, check)
+    if errors:
+        raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
+
+
+def _check_teachers(config: ml_collections.ConfigDict, check) -> None:
+    teachers = config.teacher if isinstance(config.teacher, list) else [config.teacher]
+    check(bool(teachers) and all(isinstance(t, str) and t for t in teachers),
+          "must be a model spec or a non-empty list of them", "teacher")
+    per_teacher = "must have one entry per teacher (teacher is a list of {})"
+    sizes = config.teacher_size
+    if isinstance(sizes, list):
+        check(len(sizes) == len(teachers) and isinstance(config.teacher, list),
+              per_teacher.format(len(teachers)), "teacher_size")
+        check(all(_positive_int(s) for s in sizes), "must hold positive ints", "teacher_size")
+    else:
+        check(sizes is None or _positive_int(sizes), "must be a positive int or None",
+              "teacher_size")
+    weights = config.teacher_weights
+    if isinstance(weights, list):
+        check(len(weights) == len(teachers) and isinstance(config.teacher, list),
+              per_teacher.format(len(teachers)), "teacher_weights")
+        check(all(w is None or isinstance(w, str) for w in weights),
+              "must hold paths or None", "teacher_weights")
+
+
+def eval_every_epochs(config: ml_collections.ConfigDict) -> int:
+    """Epochs between evaluations: the field, or about 20 evaluations per run if None.
+
+    Example:
+    >>> eval_every_epochs(load_config("pets37:variant=fast"))
+    50
+    """
+    if config.eval_every_epochs is not None:
+        return config.eval_every_epochs
+    return max(1, config.epochs // _DEFAULT_EVALS_PER_RUN)
+
+
+# -- storage -----------------------------------------------------------------
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """Serializes a config to JSON (sorted keys: equal configs give equal text).
+
+    Example:
+    >>> from_json(to_json(load_config("digits"))).epochs
+    60
+    """
+    return json.dumps(config.to_dict(), sort_keys=True, indent=2)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Rebuilds a locked config from `to_json` text.
+
+    Example:
+    >>> from_json('{"epochs": 3}').epochs
+    3
+    """
+    config = ml_collections.ConfigDict(json.loads(text))
+    config.lock()
+    return config
+
+
+def diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """Fields that differ between two configs, as `{name: (old, new)}` (dotted names).
+
+    Useful to explain why a workdir's stored config does not match this run's.
+
+    Example:
+    >>> a = load_config("pets37:variant=fast")
+    >>> diff(a, apply_overrides(a, {"epochs": "3"}))
+    {'epochs': (1000, 3)}
+    """
+    def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+        return {key: value for key, value in _flatten(config.to_dict())}
+
+    before, after = flat(old), flat(new)
+    return {
+        key: (before.get(key), after.get(key))
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key) or (key in before) != (key in after)
+    }
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
