@@ -495,18 +495,27 @@ def run_export(
     eval_images: Any = None,
     representative_data: Any = None,
     out_dir: str | os.PathLike | None = None,
+    num_images: int = 500,
 ) -> dict[str, Any]:
     """The `funmatch export` entry point: exports `<workdir>/student.keras`.
+
+    When the workdir has a `config.json` (written by `funmatch demo` and
+    `funmatch distill`), parity is measured on `num_images` eval-preprocessed
+    images of the dataset's test split and int8 is calibrated on as many images
+    of its train split (eval preprocessing), unless images are passed.
 
     Args:
         workdir: str. A training workdir holding `student.keras`.
         formats: list of str. See `export_all`.
         overwrite: bool. Replace existing artifacts. Defaults to `False`.
         eval_images: float images in [-1, 1] for the parity check. Defaults to
-            `None`: 64 random images, so the logit differences are meaningful
-            but the agreement is not (the report marks `eval_data: synthetic`).
+            `None`: the workdir's test images, else 64 random images, so the
+            logit differences are meaningful but the agreement is not (the
+            report marks `eval_data: synthetic`).
         representative_data: int8 calibration images. Defaults to `None`.
         out_dir: str. Defaults to `<workdir>/export`.
+        num_images: int. Eval and calibration images drawn from the workdir's
+            dataset. Defaults to 500.
 
     Returns:
         The report of `export_all`.
@@ -524,6 +533,10 @@ def run_export(
     _register_custom_objects()
     model = keras.saving.load_model(student_path, safe_mode=True)
     out_dir = Path(out_dir) if out_dir is not None else workdir / "export"
+    if eval_images is None and (workdir / "config.json").is_file():
+        eval_images, calibration = workdir_images(workdir, num_images)
+        if representative_data is None:
+            representative_data = calibration
     synthetic = eval_images is None
     if synthetic:
         size = _static_size(model)
@@ -546,6 +559,21 @@ def run_export(
         report["eval_data"] = "synthetic"
         (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
+
+
+def workdir_images(workdir: Path, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test images, train images for calibration) of a workdir's dataset, eval views."""
+    from funmatch_keras import data, sources
+
+    config = json.loads((workdir / "config.json").read_text())
+
+    def images(split):
+        source = sources.source_for(config["dataset"], split, config.get("data_dir"))
+        batches = data.eval_pipeline(source, size=config["student_size"], batch_size=256)
+        batches = batches.take(-(-num_images // 256)).as_numpy_iterator()
+        return np.concatenate([x for x, _ in batches])[:num_images]
+
+    return images("test"), images("train")
 
 
 def _register_custom_objects() -> None:

@@ -411,3 +411,15 @@ def digits_source(split: str = "train", image_size: int = DIGITS_IMAGE_SIZE,
     images = tf.image.resize(images[..., None] * (255.0 / 16.0), [image_size] * 2).numpy()
     return array_source(np.clip(images, 0, 255).astype(np.uint8), labels, num_classes=10,
                         name=f"digits-{split}")
+
+
+def source_for(dataset: str, split: str, data_dir: str | None = None) -> Source:
+    """The `Source` a config's `dataset` names: `"digits"` or a tfds preset/name.
+
+    Example:
+    >>> source_for("digits", "test").num_examples
+    540
+    """
+    if dataset == "digits":
+        return digits_source(split)
+    return tfds_source(dataset, split=split, data_dir=data_dir)

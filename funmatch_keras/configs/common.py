@@ -88,6 +88,9 @@ FIELDS: dict[str, Field] = {
     ),
     "warmup_steps": Field(1500, (int,), "Linear warmup steps."),
     "seed": Field(0, (int,), "Seed of the data pipeline and model initialization."),
+    "deterministic": Field(
+        False, (bool,), "TensorFlow op determinism: a resumed run ends bit-identical."
+    ),
     # -- checkpoints and evaluation --
     "checkpoint_every_steps": Field(1000, (int,), "Save a checkpoint every N steps."),
     "keep_checkpoints": Field(3, (int,), "Number of most recent checkpoints kept."),

@@ -1,0 +1,138 @@
+"""The `funmatch` command: `funmatch <command> [--flags]`.
+
+Commands:
+  demo      the whole recipe offline on the bundled digits (teacher, distilled
+            student, label-trained baseline), with a table and a plot
+  distill   distill a student as a config says (--config=pets37:variant=fast,
+            --config.FIELD=VALUE overrides); rerun the same command to resume
+  evaluate  a workdir's student (and teacher) on a split: top-1, agreement, KL
+  export    ship a workdir's student as .keras / SavedModel / TFLite with parity checks
+
+Run `funmatch <command> --help` for a command's flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from funmatch_keras.demo import run_demo
+
+    overrides = {}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.teacher_epochs is not None:
+        overrides["teacher_epochs"] = args.teacher_epochs
+    report = run_demo(args.workdir, verbose=args.verbose, **overrides)
+    print(f"Wrote {args.workdir}/student.keras, {args.workdir}/demo.png and report.json.")
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    from funmatch_keras import configs
+
+    config = configs.apply_overrides(configs.load_config(args.config), args.overrides)
+    configs.validate(config)
+    return config
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from funmatch_keras import train
+
+    try:
+        train.run(_config(args), args.workdir, overwrite=args.overwrite, verbose=args.verbose)
+    except train.TrainingError as error:
+        print(f"funmatch distill: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from funmatch_keras import evaluate
+
+    logs = evaluate.evaluate_workdir(args.workdir, split=args.split)
+    print("  ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from funmatch_keras.export import format_report, run_export
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    report = run_export(args.workdir, formats, overwrite=args.overwrite,
+                        num_images=args.num_images)
+    print(format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="funmatch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    demo = commands.add_parser("demo", help="offline demo on the bundled digits")
+    demo.add_argument("--workdir", default="demo_out", help="output directory")
+    demo.add_argument("--epochs", type=int, default=None, help="student epochs (default 60)")
+    demo.add_argument("--teacher_epochs", type=int, default=None, help="teacher epochs (default 20)")
+    demo.add_argument("--verbose", type=int, default=2, help="Keras verbosity: 0, 1 or 2")
+    demo.set_defaults(run=_demo)
+
+    distill = commands.add_parser("distill", help="distill a student from a config")
+    distill.add_argument("--config", required=True,
+                         help="a config name with options (pets37:variant=fast) or a .py file")
+    distill.add_argument("--workdir", required=True, help="checkpoints, logs, student, report")
+    distill.add_argument("--overwrite", action="store_true",
+                         help="allow a workdir that holds another config")
+    distill.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0, 1 or 2")
+    distill.set_defaults(run=_distill)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a workdir's student and teacher")
+    evaluate.add_argument("--workdir", required=True, help="a workdir of `funmatch distill`")
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    evaluate.set_defaults(run=_evaluate)
+
+    export = commands.add_parser("export", help="export a trained student")
+    export.add_argument("--workdir", required=True, help="a workdir holding student.keras")
+    export.add_argument("--formats", default="keras,saved_model,tflite_fp32,tflite_fp16,"
+                        "tflite_dynamic,tflite_int8", help="comma-separated artifact kinds")
+    export.add_argument("--num_images", type=int, default=500,
+                        help="eval images for parity checks and int8 calibration")
+    export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
+    export.set_defaults(run=_export)
+    return parser
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separates `--config.FIELD=VALUE` overrides from the other flags."""
+    rest, overrides = [], {}
+    for arg in argv:
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config."):].partition("=")
+            if not sep:
+                raise SystemExit(f"funmatch: error: write overrides as --config.{key}=VALUE")
+            overrides[key] = value
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+    rest, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"funmatch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

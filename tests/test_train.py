@@ -1,0 +1,128 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from funmatch_keras import cli, configs, data, sources, train
+
+
+def smoke_config(**overrides):
+    config = configs.load_config("digits:smoke=True")
+    return configs.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+
+
+@pytest.mark.slow
+def test_distill_writes_student_logs_and_an_honest_report(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = smoke_config(epochs=2, steps_per_epoch=3)
+    report = train.run(config, workdir, verbose=0)
+    for name in ("student.keras", "report.json", "report.png", "metrics.jsonl", "config.json",
+                 "teacher.keras"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    history = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert [h["step"] for h in history] == [3, 6]
+    assert all("learning_rate" in h and "val_agreement" in h for h in history)
+    # The report's accuracy is the saved student's, recomputed here.
+    student = keras.saving.load_model(os.path.join(workdir, "student.keras"), safe_mode=True)
+    images, labels = next(data.eval_pipeline(sources.digits_source("test"), size=config.student_size,
+                                             batch_size=1000).as_numpy_iterator())
+    top1 = np.mean(student.predict(images, verbose=0).argmax(-1) == labels)
+    assert report["student_top1"] == pytest.approx(top1, abs=1e-6)
+    assert json.load(open(os.path.join(workdir, "report.json")))["steps"] == 6
+    # `funmatch evaluate` reads the same workdir back.
+    logs = __import__("funmatch_keras.evaluate", fromlist=["x"]).evaluate_workdir(workdir)
+    assert logs["student_top1"] == pytest.approx(top1, abs=1e-6)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+    workdir = str(tmp_path)
+    train.prepare_workdir(workdir, smoke_config(), overwrite=False)
+    train.prepare_workdir(workdir, smoke_config(), overwrite=False)  # same config: fine
+    with pytest.raises(ValueError, match="different config.*lr.*--overwrite"):
+        train.prepare_workdir(workdir, smoke_config(lr=0.5), overwrite=False)
+    train.prepare_workdir(workdir, smoke_config(lr=0.5), overwrite=True)
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not writable"):
+        train.prepare_workdir(str(blocker / "run"), smoke_config(), overwrite=False)
+
+
+def test_cli_reports_config_typos(tmp_path, capsys):
+    code = cli.main(["distill", "--config=digits:smoke=True", f"--workdir={tmp_path}",
+                     "--config.epoch=3"])
+    assert code == 2
+    assert "Did you mean 'epochs'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    # A sane first run trains the teacher and leaves checkpoints up to step 4.
+    train.run(smoke_config(epochs=1, steps_per_epoch=4, checkpoint_every_steps=1), workdir,
+              verbose=0)
+    # Continued with a learning rate this large, the student blows up at once.
+    config = smoke_config(lr=1e12, epochs=3, steps_per_epoch=4, checkpoint_every_steps=1,
+                          warmup_steps=0, weight_decay=0.0)
+    os.remove(os.path.join(workdir, "student.keras"))
+    with pytest.raises(train.TrainingError, match="NaN.*last good checkpoint is step"):
+        train.run(config, workdir, overwrite=True, verbose=0)
+    manager = train.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    assert manager.latest() is not None
+    with h5py.File(os.path.join(manager.latest()[1], "student.weights.h5")) as f:
+        arrays = []
+        f.visititems(lambda name, obj: arrays.append(obj[()]) if hasattr(obj, "shape") else None)
+    assert arrays and all(np.all(np.isfinite(a)) for a in arrays)
+    assert not os.path.exists(os.path.join(workdir, "student.keras"))
+
+
+RESUME_ARGS = ["--config=digits:smoke=True", "--config.epochs=4", "--config.steps_per_epoch=10",
+               "--config.checkpoint_every_steps=3", "--config.deterministic=True",
+               "--config.keep_checkpoints=20", "--verbose=0"]
+
+
+def _distill(workdir, **popen):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen([sys.executable, "-m", "funmatch_keras.cli", "distill",
+                             f"--workdir={workdir}", *RESUME_ARGS], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _student_weights(workdir):
+    model = keras.saving.load_model(os.path.join(workdir, "student.keras"), safe_mode=True)
+    return model.get_weights()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    uninterrupted = _distill(clean)
+    run = _distill(killed)
+    checkpoints = killed / "checkpoints"
+    deadline = time.time() + 240
+    # Kill as soon as a mid-epoch checkpoint (step 3 of a 10-step epoch) lands.
+    while time.time() < deadline and not (checkpoints / "ckpt-000000003").exists():
+        assert run.poll() is None, run.stdout.read()[-3000:]
+        time.sleep(0.02)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(timeout=30)
+    assert not (killed / "student.keras").exists()
+    done = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("ckpt-*"))
+    assert done and done[-1] < 40
+
+    out, _ = _distill(killed).communicate(timeout=300)
+    assert f"Resuming from step {done[-1]} of 40" in out
+    out_clean, _ = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, out_clean[-3000:]
+    for a, b in zip(_student_weights(killed), _student_weights(clean)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
