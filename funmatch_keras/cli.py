@@ -5,6 +5,8 @@ Commands:
             student, label-trained baseline), with a table and a plot
   distill   distill a student as a config says (--config=pets37:variant=fast,
             --config.FIELD=VALUE overrides); rerun the same command to resume
+  train-teacher
+            fine-tune a teacher with labels (BiT-HyperRule) into <workdir>/teacher.keras
   evaluate  a workdir's student (and teacher) on a split: top-1, agreement, KL
   export    ship a workdir's student as .keras / SavedModel / TFLite with parity checks
 
@@ -53,6 +55,18 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_teacher(args: argparse.Namespace) -> int:
+    from funmatch_keras import supervised, train
+
+    try:
+        supervised.train_teacher(_config(args), args.workdir, verbose=args.verbose,
+                                 overwrite=args.overwrite)
+    except train.TrainingError as error:
+        print(f"funmatch train-teacher: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from funmatch_keras import evaluate
 
@@ -91,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow a workdir that holds another config")
     distill.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0, 1 or 2")
     distill.set_defaults(run=_distill)
+
+    teacher = commands.add_parser("train-teacher", help="fine-tune a teacher with labels")
+    teacher.add_argument("--config", required=True, help="as for distill")
+    teacher.add_argument("--workdir", required=True, help="checkpoints and teacher.keras")
+    teacher.add_argument("--overwrite", action="store_true",
+                         help="allow a workdir that holds another config")
+    teacher.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0, 1 or 2")
+    teacher.set_defaults(run=_train_teacher)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a workdir's student and teacher")
     evaluate.add_argument("--workdir", required=True, help="a workdir of `funmatch distill`")

@@ -287,7 +287,7 @@ def _check_train_args(mode, batch_size, num_replicas, start_step, teacher, workd
 
 def _train_view_fn(
     mode: str, student_size: int, teacher_size: int, encoded: bool,
-    area_range: tuple[float, float], flip: bool,
+    area_range: tuple[float, float] = augment.DEFAULT_AREA_RANGE, flip: bool = True,
 ) -> Callable[[tf.Tensor, tf.Tensor], Any]:
     """Returns `fn(image, seed) -> views` for a mode: crops, flips, [-1, 1]."""
     # Each group is one crop (+ flip) of the original image, resized to each of

@@ -127,8 +127,7 @@ def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot_curves(report, os.path.join(workdir, "demo.png"))
-    if verbose:
-        print(format_table(report))
+    print(format_table(report))
     return report
 
 

@@ -437,11 +437,15 @@ def test_saved_model_teacher_inside_distiller(tmp_path):
     teacher = models.build(path, num_classes=3, image_size=32)
     keras.utils.set_random_seed(0)
     student = _tiny()
+    # A student far from the teacher, so that matching it shows in the loss.
+    kernel = student.layers[-1].kernel
+    kernel.assign(kernel * 50.0)
     distiller = Distiller(teacher, student, temperature=2.0)
     distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
     images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype("float32")
     logs = distiller.evaluate(images, verbose=0, return_dict=True)
-    history = distiller.fit(images, epochs=5, batch_size=8, verbose=0)
-    assert history.history["loss"][-1] < logs["loss"]
+    distiller.fit(images, epochs=40, batch_size=8, verbose=0)
+    after = distiller.evaluate(images, verbose=0, return_dict=True)
+    assert after["loss"] < 0.5 * logs["loss"]
     # The SavedModel teacher's outputs are unchanged by training.
     _assert_close(teacher(images), tiny(images), tol=1e-6)
