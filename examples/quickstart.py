@@ -6,7 +6,7 @@ import os
 
 import funmatch_keras as fm
 
-EPOCHS = 1 if os.environ.get("FUNMATCH_SMOKE") == "1" else 30
+EPOCHS = 2 if os.environ.get("FUNMATCH_SMOKE") == "1" else 30
 SIZE, BATCH = 16, 64
 train_src, test_src = fm.sources.digits_source("train"), fm.sources.digits_source("test")
 steps = fm.data.steps_per_epoch(train_src, BATCH)

@@ -126,3 +126,37 @@ def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_uninterrupted(tmp_path
     assert uninterrupted.returncode == 0, out_clean[-3000:]
     for a, b in zip(_student_weights(killed), _student_weights(clean)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+SHIPPED = [f"{name}:smoke=True" for name in configs.list_configs()] + [
+    f"{name}:variant={variant},smoke=True" for name in ("pets37", "flowers102", "food101",
+                                                       "sun397")
+    for variant in ("fast", "medium", "long")] + [
+    "imagenet:teacher_res=384,smoke=True", "imagenet:ensemble=True,smoke=True"]
+
+
+@pytest.mark.parametrize("spec", SHIPPED)
+def test_every_shipped_config_builds_its_pipelines_under_mock_data(spec):
+    import tensorflow_datasets as tfds
+
+    config = configs.load_config(spec)
+    configs.validate(config)
+    with tfds.testing.mock_data(num_examples=40):
+        train_source = sources.source_for(config.dataset, "train", config.data_dir)
+        sizes = train._as_list(config.teacher_size)
+        teacher_size = sizes[0] or config.student_size
+        ds = data.train_pipeline(
+            train_source, mode=config.mode, batch_size=config.batch_size,
+            student_size=config.student_size, teacher_size=teacher_size, seed=config.seed,
+            area_range=(config.crop_area_min, 1.0), flip=config.flip, epochs=1,
+            shuffle_buffer=64) if config.mode != "fixed_teacher" else None
+        if ds is not None:
+            batch = next(iter(ds))
+            student = batch["student"] if isinstance(batch, dict) else batch
+            assert student.shape == (config.batch_size, config.student_size,
+                                     config.student_size, 3)
+        for split in ("validation", "test"):
+            source = sources.source_for(config.dataset, split, config.data_dir)
+            images, labels = next(iter(data.eval_pipeline(
+                source, size=config.student_size, batch_size=4, teacher_size=teacher_size)))
+            assert int(labels.numpy().max()) < train_source.num_classes
