@@ -97,22 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--verbose", type=int, default=2, help="Keras verbosity: 0, 1 or 2")
     demo.set_defaults(run=_demo)
 
-    distill = commands.add_parser("distill", help="distill a student from a config")
-    distill.add_argument("--config", required=True,
-                         help="a config name with options (pets37:variant=fast) or a .py file")
-    distill.add_argument("--workdir", required=True, help="checkpoints, logs, student, report")
-    distill.add_argument("--overwrite", action="store_true",
-                         help="allow a workdir that holds another config")
-    distill.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0, 1 or 2")
-    distill.set_defaults(run=_distill)
+    def config_command(name, run, help, workdir_help):
+        command = commands.add_parser(name, help=help)
+        command.add_argument("--config", required=True, help="a config name with options "
+                             "(pets37:variant=fast) or a .py file; --config.FIELD=VALUE overrides")
+        command.add_argument("--workdir", required=True, help=workdir_help)
+        command.add_argument("--overwrite", action="store_true",
+                             help="allow a workdir that holds another config")
+        command.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0, 1 or 2")
+        command.set_defaults(run=run)
 
-    teacher = commands.add_parser("train-teacher", help="fine-tune a teacher with labels")
-    teacher.add_argument("--config", required=True, help="as for distill")
-    teacher.add_argument("--workdir", required=True, help="checkpoints and teacher.keras")
-    teacher.add_argument("--overwrite", action="store_true",
-                         help="allow a workdir that holds another config")
-    teacher.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0, 1 or 2")
-    teacher.set_defaults(run=_train_teacher)
+    config_command("distill", _distill, "distill a student from a config",
+                   "checkpoints, logs, student, report")
+    config_command("train-teacher", _train_teacher, "fine-tune a teacher with labels",
+                   "checkpoints and teacher.keras")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a workdir's student and teacher")
     evaluate.add_argument("--workdir", required=True, help="a workdir of `funmatch distill`")

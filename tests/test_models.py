@@ -394,12 +394,17 @@ def test_build_from_keras_file(tmp_path):
         models.build(path, num_classes=5, image_size=32)
 
 
-def test_build_from_saved_model(tmp_path):
+def _exported_tiny(tmp_path) -> tuple[keras.Model, str]:
     tiny = _tiny()
     path = str(tmp_path / "teacher")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tiny.export(path, format="tf_saved_model", verbose=False)
+    return tiny, path
+
+
+def test_build_from_saved_model(tmp_path):
+    tiny, path = _exported_tiny(tmp_path)
     teacher = models.build(path, num_classes=3, image_size=32)
     assert not teacher.trainable
     _assert_close(teacher(_images(32)), tiny(_images(32)), tol=1e-6)
@@ -429,11 +434,7 @@ def test_build_small_cnn_spec():
 def test_saved_model_teacher_inside_distiller(tmp_path):
     from funmatch_keras import Distiller
 
-    tiny = _tiny()
-    path = str(tmp_path / "teacher")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tiny.export(path, format="tf_saved_model", verbose=False)
+    tiny, path = _exported_tiny(tmp_path)
     teacher = models.build(path, num_classes=3, image_size=32)
     keras.utils.set_random_seed(0)
     student = _tiny()
