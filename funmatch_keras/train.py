@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from funmatch_keras import configs, data, models, optim, sources
+from funmatch_keras import configs, data, distribute, models, optim, sources
 from funmatch_keras.checkpoint import CheckpointCallback, CheckpointManager
 from funmatch_keras.distiller import Distiller
 
@@ -105,8 +105,11 @@ def build_student(config, num_classes: int) -> keras.Model:
 
 
 def build_teachers(config, num_classes: int, workdir: str, train_source,
-                   verbose: int = 1) -> list[keras.Model]:
-    """The frozen teacher(s): built from specs/files, or trained with labels first."""
+                   verbose: int = 1, num_replicas: int = 1) -> list[keras.Model]:
+    """The frozen teacher(s): built from specs/files, or trained with labels first.
+
+    Call it inside the replication scope (`distribute.Replication.scope`).
+    """
     specs = _as_list(config.teacher)
     sizes = _as_list(config.teacher_size)
     weights = _as_list(config.teacher_weights)
@@ -120,7 +123,8 @@ def build_teachers(config, num_classes: int, workdir: str, train_source,
         if weight_file:
             load_weights(teacher, weight_file)
         elif _is_fresh(spec):
-            teacher = _trained_teacher(teacher, config, workdir, train_source, size, verbose)
+            teacher = _trained_teacher(teacher, config, workdir, train_source, size, verbose,
+                                       num_replicas)
         if any(isinstance(layer, models.StdConv2D) for layer in teacher.layers):
             # Frozen: standardize the kernels once instead of every step.
             teacher = models.fold_weight_standardization(teacher)
@@ -133,7 +137,7 @@ def _is_fresh(spec: str) -> bool:
     return not (spec.endswith(".keras") or os.path.isdir(spec))
 
 
-def _trained_teacher(teacher, config, workdir, train_source, size, verbose):
+def _trained_teacher(teacher, config, workdir, train_source, size, verbose, num_replicas=1):
     if not config.teacher_epochs:
         raise ValueError(
             f"The teacher {config.teacher!r} has no weights: set --config.teacher_weights "
@@ -150,7 +154,8 @@ def _trained_teacher(teacher, config, workdir, train_source, size, verbose):
     ds = data.train_pipeline(
         train_source, mode="consistent", batch_size=config.batch_size, student_size=size,
         seed=config.seed + 1, shuffle_buffer=min(train_source.num_examples, 50_000),
-        area_range=(max(config.crop_area_min, 0.5), 1.0), flip=config.flip, with_labels=True)
+        area_range=(max(config.crop_area_min, 0.5), 1.0), flip=config.flip, with_labels=True,
+        num_replicas=num_replicas)
     fit_with_labels(teacher, ds, steps, config.teacher_epochs, config.lr, config.weight_decay,
                     verbose=verbose)
     tmp = os.path.join(workdir, f".teacher-{os.getpid()}.keras")
@@ -175,8 +180,15 @@ def fit_with_labels(model: keras.Model, train_ds, steps_per_epoch: int, epochs: 
 
 def _jit_compile() -> bool:
     # XLA measured faster for these convnets on CPU (README benchmarks); the
-    # default "auto" resolves to False on CPU (DESIGN §5).
-    return keras.backend.backend() in ("tensorflow", "jax")
+    # default "auto" resolves to False on CPU (DESIGN §5). Not under a
+    # tf.distribute strategy (TPUStrategy compiles anyway): the step then holds
+    # cross-replica gradient aggregation, and XLA there is unmeasured.
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.distribute.has_strategy()
+    return backend == "jax"
 
 
 # ------------------------------------------------------------------- logging
@@ -215,14 +227,25 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
-        verbose: int = 1) -> dict[str, Any]:
+        verbose: int = 1, strategy: Any = None) -> dict[str, Any]:
     """Distills a student as the config says, resuming from the workdir's checkpoints.
+
+    Models, optimizer and `Distiller` are built and trained inside the
+    replication scope (`distribute.replication`); `config.batch_size` is the
+    global batch, split over the replicas. Under multi-worker training every
+    worker shares `workdir`, but only the chief writes checkpoints, reports and
+    `student.keras` there; the others write their student and logs to
+    `workdir/workertemp_<task>/`.
 
     Args:
         config: `ml_collections.ConfigDict` from `funmatch_keras.configs`.
         workdir: str. Where checkpoints, logs, the student and the report go.
         overwrite: bool. Allow a workdir that holds another config. Defaults to False.
         verbose: int. Keras verbosity. Defaults to 1.
+        strategy: a `tf.distribute.Strategy`, a kind for `distribute.replication`
+            (`"auto"`, `"mirrored"`, `"multi_worker"`, `"tpu"`, `"default"`; JAX:
+            `"auto"`, `"data_parallel"`, `"default"`) or None: the
+            `FUNMATCH_STRATEGY` environment variable, else `"auto"`.
 
     Returns:
         The report dict (also written to `workdir/report.json`).
@@ -232,7 +255,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     >>> report = run(configs.load_config("digits:smoke=True"), "/tmp/fm")  # doctest: +SKIP
     """
     configs.validate(config)
+    # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
+    replicas = distribute.replication(strategy)
+    distribute.check_batch_size(config.batch_size, replicas.num_replicas)
+    if verbose and replicas.num_replicas > 1:
+        print(f"Training on {replicas.num_replicas} replicas ({replicas.kind}, "
+              f"{replicas.task}).", flush=True)
+    # Non-chief workers keep their own files apart; checkpoints are the chief's.
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if not replicas.is_chief:
+        workdir = distribute.worker_dir(workdir, replicas.task)
     prepare_workdir(workdir, config, overwrite)
+    with replicas.scope():
+        return _run(config, workdir, checkpoint_dir, replicas, verbose)
+
+
+def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
     start = time.time()
     keras.utils.set_random_seed(config.seed)
     if config.deterministic and keras.backend.backend() == "tensorflow":
@@ -245,7 +283,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     if num_classes != train_source.num_classes:
         raise ValueError(f"The config says num_classes={num_classes} but {config.dataset} "
                          f"has {train_source.num_classes} classes.")
-    teachers = build_teachers(config, num_classes, workdir, train_source, verbose)
+    teachers = build_teachers(config, num_classes, workdir, train_source, verbose,
+                              replicas.num_replicas)
     student = build_student(config, num_classes)
     steps_per_epoch = config.steps_per_epoch or data.steps_per_epoch(
         train_source, config.batch_size)
@@ -256,7 +295,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
                           temperature=config.temperature)
     distiller.compile(optimizer=optimizer, jit_compile=_jit_compile())
 
-    manager = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    manager = CheckpointManager(checkpoint_dir, keep=config.keep_checkpoints,
+                                clean_temp=replicas.is_chief)
     step = 0
     if manager.latest() is not None:
         state = manager.restore(student, optimizer)
@@ -274,7 +314,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     teacher_size = teacher_sizes[0]
     val_ds = data.eval_pipeline(val_source, size=config.student_size,
                                 batch_size=config.eval_batch_size, teacher_size=teacher_size)
-    checkpoints = CheckpointCallback(manager, config.checkpoint_every_steps, student)
+    checkpoints = CheckpointCallback(manager, config.checkpoint_every_steps, student,
+                                     is_chief=replicas.is_chief)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     callbacks = [
         checkpoints,
@@ -288,7 +329,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
             student_size=config.student_size, teacher_size=teacher_size, seed=config.seed,
             shuffle_buffer=min(train_source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
             teacher=teachers[0] if config.mode == "fixed_teacher" else None, workdir=workdir,
-            start_step=step, area_range=(config.crop_area_min, 1.0), flip=config.flip)
+            start_step=step, area_range=(config.crop_area_min, 1.0), flip=config.flip,
+            num_replicas=replicas.num_replicas)
         distiller.fit(ds, initial_epoch=step // steps_per_epoch, epochs=last_epoch,
                       steps_per_epoch=steps_this_epoch, validation_data=val_ds,
                       validation_freq=configs.eval_every_epochs(config),
@@ -325,6 +367,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         "images_per_s": _images_per_s(history, config.batch_size),
         "student": student_path,
     }
+    if not replicas.is_chief:
+        return report
     _write_json(os.path.join(workdir, "report.json"), report)
     plot_report(history, report, os.path.join(workdir, "report.png"))
     if verbose:

@@ -1,0 +1,391 @@
+"""Replicas for training: a `tf.distribute` strategy, or a JAX `DataParallel`.
+
+`strategy(kind="auto")` picks the TensorFlow strategy for the machine it runs
+on: a TPU (`TPUStrategy`), else a cluster described by `TF_CONFIG`
+(`MultiWorkerMirroredStrategy`), else several GPUs (`MirroredStrategy`), else
+the default (one-device) strategy. Under the JAX backend, `data_parallel()`
+splits each batch over the local devices with `keras.distribution.DataParallel`
+(DESIGN §5: `keras.distribution` does not support TensorFlow).
+
+`replication(kind)` wraps either in one object that `train.run` uses: the
+number of replicas (the global batch must be a multiple of it), whether this
+process is the chief (the only one that writes checkpoints and reports), and a
+`scope()` to build models, optimizer and `Distiller` in and to train under.
+
+The kind comes from the argument, else the `FUNMATCH_STRATEGY` environment
+variable, else `"auto"`.
+
+Example:
+>>> import funmatch_keras.distribute as distribute
+>>> replicas = distribute.replication("default")
+>>> replicas.num_replicas, replicas.is_chief
+(1, True)
+>>> with replicas.scope():
+...     pass  # build the models, compile and fit the Distiller here
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+import keras
+from absl import logging
+
+ENV_VAR = "FUNMATCH_STRATEGY"
+TF_KINDS = ("auto", "tpu", "mirrored", "multi_worker", "default")
+JAX_KINDS = ("auto", "data_parallel", "default")
+
+
+# ------------------------------------------------------------- TensorFlow
+
+
+def _tpu_resolver(tpu: str | None = None):
+    """A `TPUClusterResolver`, or None when no TPU can be found.
+
+    Without a name, `TPUClusterResolver()` finds Colab / Cloud TPU nodes from
+    their environment variables (`TPU_NAME`, ...) and raises `ValueError`
+    otherwise, without touching the network. TPU VMs attach the chips to this
+    host instead: they are listed as physical TPU devices and need `tpu="local"`.
+    """
+    import tensorflow as tf
+
+    try:
+        return tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    except (ValueError, ImportError, RuntimeError) as error:
+        if tpu is not None:
+            raise ValueError(f"Cannot resolve the TPU {tpu!r}: {error}") from None
+    if tf.config.list_physical_devices("TPU"):
+        return tf.distribute.cluster_resolver.TPUClusterResolver(tpu="local")
+    return None
+
+
+def _tf_config_cluster() -> dict[str, Any] | None:
+    """The `cluster` of a `TF_CONFIG` that describes workers, or None."""
+    text = os.environ.get("TF_CONFIG", "").strip()
+    if not text:
+        return None
+    try:
+        cluster = json.loads(text).get("cluster") or {}
+    except (ValueError, AttributeError):
+        raise ValueError(f"TF_CONFIG is not a JSON object. Received: TF_CONFIG={text!r}") from None
+    return cluster if (cluster.get("worker") or cluster.get("chief")) else None
+
+
+def _tpu_strategy(resolver):
+    import tensorflow as tf
+
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def strategy(kind: str = "auto", tpu: str | None = None):
+    """The `tf.distribute.Strategy` to train with.
+
+    With `"auto"` the first that applies wins: a TPU (`TPUStrategy`, after
+    connecting to it and initializing it); a cluster in `TF_CONFIG`
+    (`MultiWorkerMirroredStrategy`, which also uses every GPU of each worker,
+    so it is checked before local GPUs); several GPUs (`MirroredStrategy`);
+    else the default strategy (one device). The choice and the number of
+    replicas are logged.
+
+    `MultiWorkerMirroredStrategy` must be created before TensorFlow runs any
+    op, so call this first thing in a program.
+
+    Args:
+        kind: str. One of `"auto"`, `"tpu"`, `"mirrored"`, `"multi_worker"`,
+            `"default"`. Defaults to `"auto"`.
+        tpu: str or None. TPU name or `grpc://` address (`"local"` for a TPU
+            VM) for `kind="tpu"`/`"auto"`. Defaults to autodetection.
+
+    Returns:
+        A `tf.distribute.Strategy`.
+
+    Raises:
+        ValueError: an unknown kind, or `"tpu"` where no TPU is found.
+
+    Example:
+    >>> strategy("default").num_replicas_in_sync
+    1
+    """
+    import tensorflow as tf
+
+    if kind not in TF_KINDS:
+        raise ValueError(f"Unknown strategy kind. Expected one of {TF_KINDS}. "
+                         f"Received: kind={kind!r}")
+    chosen = None
+    if kind in ("auto", "tpu"):
+        resolver = _tpu_resolver(tpu)
+        if resolver is not None:
+            chosen = _tpu_strategy(resolver)
+        elif kind == "tpu":
+            raise ValueError("kind='tpu' but no TPU was found: set TPU_NAME, pass "
+                             "tpu='<name>' (or 'local' on a TPU VM), or use kind='auto'.")
+    if chosen is None and (kind == "multi_worker"
+                           or (kind == "auto" and _tf_config_cluster() is not None)):
+        chosen = tf.distribute.MultiWorkerMirroredStrategy()
+        _patch_keras_for_multi_worker()
+    if chosen is None and kind in ("auto", "mirrored"):
+        gpus = tf.config.list_physical_devices("GPU")
+        if kind == "mirrored" or len(gpus) > 1:
+            chosen = tf.distribute.MirroredStrategy()
+    if chosen is None:
+        chosen = tf.distribute.get_strategy()
+    logging.info("Distribution: %s (kind=%r) with %d replica(s).",
+                 _strategy_name(chosen), kind, chosen.num_replicas_in_sync)
+    return chosen
+
+
+def is_chief(strategy=None) -> bool:
+    """Whether this process is the one that writes checkpoints and reports.
+
+    Under `tf.distribute`, the chief is task `chief`, else worker 0 of a
+    cluster without one; a single process is always the chief. Under JAX it is
+    process 0.
+
+    Args:
+        strategy: `tf.distribute.Strategy` or None (the JAX process index, or
+            the current TensorFlow strategy).
+
+    Returns:
+        bool.
+
+    Example:
+    >>> is_chief()
+    True
+    """
+    if strategy is None and keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_index() == 0
+    if strategy is None:
+        import tensorflow as tf
+
+        strategy = tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return True
+    return _is_chief_task(resolver.task_type, resolver.task_id,
+                          resolver.cluster_spec().as_dict())
+
+
+def _is_chief_task(task_type: str, task_id: int, cluster: dict) -> bool:
+    if task_type == "chief":
+        return True
+    return task_type == "worker" and int(task_id or 0) == 0 and "chief" not in cluster
+
+
+def _patch_keras_for_multi_worker() -> None:
+    """Works around two Keras 3.15 failures of `fit`/`evaluate` across workers.
+
+    Keras 3.15 reduces each step's per-replica metric values under a
+    multi-worker strategy with `strategy.reduce("MEAN", value, axis=0)`, which
+    fails on scalars ("Invalid reduction dimension 0 for input with 0
+    dimensions"), so any `fit` under `MultiWorkerMirroredStrategy` stops at its
+    first step. Scalars are averaged over the replicas instead (`axis=None`),
+    as Keras does on one worker; everything else goes to Keras unchanged.
+    Idempotent.
+    """
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "_funmatch_patched", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        multi_worker = (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                        and strategy.extended._in_multi_worker_mode())
+        if not multi_worker or reduction not in ("auto", "mean"):
+            return original(values, strategy, reduction)
+
+        def reduce(value):
+            # One replica per worker gives plain tensors, several give PerReplica.
+            if strategy.experimental_local_results(value)[0].shape.rank == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return original(value, strategy, reduction)
+
+        return tf.nest.map_structure(reduce, values)
+
+    # Likewise `evaluate` first "reduces" a whole (images, labels) batch with
+    # `strategy.reduce("MEAN", batch)` just to learn its shapes, which fails
+    # across workers: use this worker's first replica's batch instead.
+    original_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if (iterator is not None and strategy is not None
+                and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                and strategy.extended._in_multi_worker_mode()):
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0], next(it))
+                break
+            iterator = None
+        return original_build(self, iterator=iterator, data_batch=data_batch)
+
+    reduce_per_replica._funmatch_patched = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+
+
+def _strategy_name(strategy) -> str:
+    """The public class name (MultiWorkerMirroredStrategy is a CollectiveAllReduceStrategy)."""
+    import tensorflow as tf
+
+    for public, name in ((tf.distribute.MultiWorkerMirroredStrategy,
+                          "MultiWorkerMirroredStrategy"),
+                         (tf.distribute.MirroredStrategy, "MirroredStrategy"),
+                         (tf.distribute.TPUStrategy, "TPUStrategy")):
+        if isinstance(strategy, public):
+            return name
+    return type(strategy).__name__
+
+
+def _task_name(strategy) -> str:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return "chief"
+    return f"{resolver.task_type}_{resolver.task_id}"
+
+
+# -------------------------------------------------------------------- JAX
+
+
+def data_parallel(devices: list[str] | None = None):
+    """A `keras.distribution.DataParallel` over `devices`, or None for one device.
+
+    Each batch is split along its first axis over the devices; the variables
+    are replicated. tf.data still produces the (global) batches.
+
+    Args:
+        devices: list of device names. Defaults to
+            `keras.distribution.list_devices()`.
+
+    Returns:
+        `keras.distribution.DataParallel`, or None when there is a single device.
+
+    Example:
+    >>> data_parallel(["cpu:0"]) is None
+    True
+    """
+    devices = list(devices or keras.distribution.list_devices())
+    if len(devices) < 2:
+        return None
+    return keras.distribution.DataParallel(devices=devices)
+
+
+# ---------------------------------------------------------------- both
+
+
+@dataclasses.dataclass
+class Replication:
+    """How a training run is replicated (see `replication`).
+
+    Attributes:
+        kind: str. What was chosen, e.g. `"MirroredStrategy"` or `"DataParallel"`.
+        num_replicas: int. Replicas one global batch is split over.
+        is_chief: bool. Whether this process writes checkpoints and reports.
+        task: str. `"chief"`, or e.g. `"worker_1"` for other workers.
+        strategy: `tf.distribute.Strategy` (TensorFlow) or None.
+        distribution: `keras.distribution.Distribution` (JAX) or None.
+    """
+
+    kind: str
+    num_replicas: int
+    is_chief: bool
+    task: str = "chief"
+    strategy: Any = None
+    distribution: Any = None
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Build models, optimizer and `Distiller`, and train, inside this."""
+        if self.strategy is not None:
+            with self.strategy.scope():
+                yield
+        elif self.distribution is not None:
+            with self.distribution.scope():  # restores the previous distribution
+                yield
+        else:
+            yield
+
+
+def replication(kind: str | Any | None = None) -> Replication:
+    """The replication for the current Keras backend.
+
+    Args:
+        kind: str, a `tf.distribute.Strategy`, or None. TensorFlow: a kind of
+            `strategy()` or a strategy object. JAX: `"auto"` (`DataParallel`
+            over the local devices when there are several), `"data_parallel"`
+            or `"default"` (no distribution). Defaults to the
+            `FUNMATCH_STRATEGY` environment variable, else `"auto"`.
+
+    Returns:
+        A `Replication`.
+
+    Raises:
+        ValueError: a kind the backend does not offer.
+
+    Example:
+    >>> replication("default").num_replicas
+    1
+    """
+    if kind is None:
+        kind = os.environ.get(ENV_VAR, "").strip() or "auto"
+    if keras.backend.backend() == "jax":
+        if kind not in JAX_KINDS:
+            raise ValueError(
+                f"The JAX backend replicates with keras.distribution: the strategy must be "
+                f"one of {JAX_KINDS}. Received: {kind!r} (TensorFlow strategies need "
+                "KERAS_BACKEND=tensorflow)."
+            )
+        distribution = None if kind == "default" else data_parallel()
+        if kind == "data_parallel" and distribution is None:
+            logging.warning("kind='data_parallel' but only one device: not distributing.")
+        num = 1 if distribution is None else len(distribution.device_mesh.devices.flatten())
+        name = type(distribution).__name__ if distribution is not None else "default"
+        logging.info("Distribution: %s (kind=%r) with %d replica(s).", name, kind, num)
+        return Replication(name, num, is_chief(), strategy=None, distribution=distribution)
+    if keras.backend.backend() != "tensorflow":
+        if kind not in ("auto", "default"):
+            raise ValueError(f"Distributed training supports the tensorflow and jax "
+                             f"backends, not {keras.backend.backend()!r}.")
+        return Replication("default", 1, True)
+    chosen = strategy(kind) if isinstance(kind, str) else kind
+    return Replication(_strategy_name(chosen), chosen.num_replicas_in_sync,
+                       is_chief(chosen), _task_name(chosen), strategy=chosen)
+
+
+def check_batch_size(batch_size: int, num_replicas: int, name: str = "batch_size") -> None:
+    """Raises a `ValueError` unless the global batch splits evenly over the replicas.
+
+    Example:
+    >>> check_batch_size(16, 2)
+    >>> check_batch_size(15, 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: The global batch_size=15 must be a multiple of the 2 replicas (each
+    replica gets batch_size / 2 examples). Use batch_size=14 or 16.
+    """
+    if batch_size % num_replicas:
+        lower = batch_size - batch_size % num_replicas
+        raise ValueError(
+            f"The global {name}={batch_size} must be a multiple of the {num_replicas} "
+            f"replicas (each replica gets {name} / {num_replicas} examples). Use "
+            f"{name}={lower or num_replicas} or {lower + num_replicas}."
+        )
+
+
+def worker_dir(workdir: str, task: str) -> str:
+    """Where a non-chief worker writes its own files (never checkpoints or reports).
+
+    Example:
+    >>> worker_dir("/tmp/run", "worker_1")
+    '/tmp/run/workertemp_worker_1'
+    """
+    return os.path.join(workdir, f"workertemp_{task}")
