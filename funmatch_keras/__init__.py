@@ -9,11 +9,13 @@ Example:
 ['consistent', 'fixed_teacher', 'function_matching', 'independent']
 """
 
-from funmatch_keras import augment, configs, data, export, losses, models, optim, sources, train
+from funmatch_keras import (augment, configs, data, distribute, export, losses, models, optim,
+                            sources, train)
 from funmatch_keras.distiller import Distiller
 from funmatch_keras.losses import DistillationKL
 
 __version__ = "0.1.0"
 
-__all__ = ["Distiller", "DistillationKL", "augment", "configs", "data", "export", "losses",
+__all__ = ["Distiller", "DistillationKL", "augment", "configs", "data", "distribute", "export",
+           "losses",
            "models", "optim", "sources", "train"]

@@ -48,7 +48,8 @@ def _distill(args: argparse.Namespace) -> int:
     from funmatch_keras import train
 
     try:
-        train.run(_config(args), args.workdir, overwrite=args.overwrite, verbose=args.verbose)
+        train.run(_config(args), args.workdir, overwrite=args.overwrite, verbose=args.verbose,
+                  strategy=args.strategy)
     except train.TrainingError as error:
         print(f"funmatch distill: {error}", file=sys.stderr)
         return 3
@@ -106,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                              help="allow a workdir that holds another config")
         command.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0, 1 or 2")
         command.set_defaults(run=run)
+        return command
 
-    config_command("distill", _distill, "distill a student from a config",
-                   "checkpoints, logs, student, report")
+    distill = config_command("distill", _distill, "distill a student from a config",
+                             "checkpoints, logs, student, report")
+    distill.add_argument("--strategy", default=None, help="auto (default: TPU, then several "
+                         "GPUs, then TF_CONFIG workers), tpu, mirrored, multi_worker, default; "
+                         "JAX: auto, data_parallel, default. Env: FUNMATCH_STRATEGY")
     config_command("train-teacher", _train_teacher, "fine-tune a teacher with labels",
                    "checkpoints and teacher.keras")
 

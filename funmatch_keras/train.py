@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from funmatch_keras import configs, data, distribute, models, optim, sources
+from funmatch_keras import configs, data, distribute, loop, models, optim, sources
 from funmatch_keras.checkpoint import CheckpointCallback, CheckpointManager
 from funmatch_keras.distiller import Distiller
 
@@ -323,26 +323,20 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
         keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False),
     ]
 
-    def train_from(step: int, last_epoch: int, steps_this_epoch: int):
-        ds = data.train_pipeline(
+    def make_dataset(step: int):
+        return data.train_pipeline(
             train_source, mode=config.mode, batch_size=config.batch_size,
             student_size=config.student_size, teacher_size=teacher_size, seed=config.seed,
             shuffle_buffer=min(train_source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
             teacher=teachers[0] if config.mode == "fixed_teacher" else None, workdir=workdir,
             start_step=step, area_range=(config.crop_area_min, 1.0), flip=config.flip,
             num_replicas=replicas.num_replicas)
-        distiller.fit(ds, initial_epoch=step // steps_per_epoch, epochs=last_epoch,
-                      steps_per_epoch=steps_this_epoch, validation_data=val_ds,
-                      validation_freq=configs.eval_every_epochs(config),
-                      callbacks=callbacks, verbose=verbose)
 
-    if step < total_steps:
-        offset = step % steps_per_epoch
-        if offset:  # killed mid-epoch: finish that epoch, then run whole ones
-            train_from(step, step // steps_per_epoch + 1, steps_per_epoch - offset)
-            step += steps_per_epoch - offset
-        if step < total_steps and not checkpoints.stopped_reason:
-            train_from(step, config.epochs, steps_per_epoch)
+    loop.fit_resumably(
+        distiller, make_dataset, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+        start_step=step, callbacks=callbacks, validation_data=val_ds,
+        validation_freq=configs.eval_every_epochs(config), verbose=verbose,
+        should_stop=lambda: bool(checkpoints.stopped_reason))
     if checkpoints.stopped_reason:
         raise TrainingError(f"Training stopped: {checkpoints.stopped_reason}.")
 
