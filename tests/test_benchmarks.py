@@ -1,0 +1,58 @@
+"""Smoke tests of the benchmark scripts: their quickest mode, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _last_json_line(args: list[str], tmp_path) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    result = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines, result.stderr[-3000:]
+    return json.loads(lines[-1])
+
+
+@pytest.mark.slow
+def test_step_benchmark_quick(tmp_path):
+    report = _last_json_line(
+        [os.path.join(ROOT, "benchmarks", "step.py"), "--quick", "--repeats", "1",
+         "--eval-images", "64", "--no-profile",
+         "--variants", "matmul_fp32_1024,matmul_bf16_1024,keras_distiller,ours_fp32"],
+        tmp_path)
+    for key in ("speedup_vs_keras_distillation", "agreement_fast_vs_fp32",
+                "fp32_peak_fraction", "flops_per_step", "peak_gflops", "results"):
+        assert key in report
+    assert report["speedup_vs_keras_distillation"] > 0
+    assert 0.0 <= report["agreement_fast_vs_fp32"] <= 1.0
+    assert report["fp32_peak_fraction"] > 0
+    assert report["flops_per_step"] > report["flops_teacher_forward"] > 0
+    names = {row["variant"] for row in report["results"]}
+    assert {"keras_distiller", "ours_fp32"} <= names
+
+
+@pytest.mark.slow
+def test_paper_findings_quick(tmp_path):
+    report = _last_json_line(
+        [os.path.join(ROOT, "benchmarks", "paper_findings.py"), "--quick",
+         "--teacher-epochs", "1", "--workdir", str(tmp_path)],
+        tmp_path)
+    modes = {"fixed_teacher", "independent", "consistent", "function_matching"}
+    assert {cell["mode"] for cell in report["cells"]} == modes
+    assert {cell["epochs"] for cell in report["cells"]} == {1, 2}
+    for cell in report["cells"]:
+        for key in ("test_top1", "agreement", "train_loss", "train_kl_clean"):
+            assert 0.0 <= cell[key] < float("inf"), (cell["mode"], key)
+    assert "function_matching_best_at_long" in report["findings"]
+    assert os.path.exists(report["png"])
