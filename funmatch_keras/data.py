@@ -100,7 +100,9 @@ def train_pipeline(
         mode: str. One of `MODES`. Defaults to `"function_matching"`.
         batch_size: int. Global batch size.
         student_size: int. Side of the student's square input.
-        teacher_size: int. Side of the teacher's input. Defaults to `student_size`;
+        teacher_size: int, or a list of ints for an ensemble of teachers at
+            several resolutions (one view each, from the same crop; the batch's
+            `"teacher"` is then a list). Defaults to `student_size`;
             a different value gives cross-resolution batches.
         seed: int. Makes the pipeline reproducible (and deterministic in order).
             Defaults to a random seed.
@@ -139,6 +141,9 @@ def train_pipeline(
     deterministic = seed is not None
     seed = random.randrange(2**31) if seed is None else seed
     teacher_size = teacher_size or student_size
+    if mode == "fixed_teacher" and isinstance(teacher_size, (list, tuple)):
+        raise ValueError("mode='fixed_teacher' caches one teacher's logits: pass one "
+                         f"teacher_size. Received: {teacher_size=}")
     view_fn = _train_view_fn(mode, student_size, teacher_size, source.encoded,
                              tuple(area_range), flip)
     logits = None
@@ -196,12 +201,15 @@ def eval_pipeline(
 
     def make_views(example):
         image = _decode(example["image"], source.encoded)
-        if cross:
-            images = {"student": augment.eval_preprocess(image, size),
-                      "teacher": augment.eval_preprocess(image, teacher_size)}
+        if not cross:
+            return augment.eval_preprocess(image, size), example["label"]
+        views = {"student": augment.eval_preprocess(image, size)}
+        if isinstance(teacher_size, (list, tuple)):  # an ensemble, one view per teacher
+            # A tuple, not a list: tf.data would stack a list into one tensor.
+            views["teacher"] = tuple(augment.eval_preprocess(image, t) for t in teacher_size)
         else:
-            images = augment.eval_preprocess(image, size)
-        return images, example["label"]
+            views["teacher"] = augment.eval_preprocess(image, teacher_size)
+        return views, example["label"]
 
     ds = _skip_corrupt(_try_map(source.dataset(), make_views, True), source)
     ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -293,10 +301,15 @@ def _train_view_fn(
     # Each group is one crop (+ flip) of the original image, resized to each of
     # its (name, size) entries: cross-resolution views share a crop, the
     # independent mode's views do not.
+    # A list of teacher sizes (an ensemble at several resolutions) gives one view
+    # per teacher, named "teacher/<i>" here and returned as a tuple under "teacher".
+    ensemble = isinstance(teacher_size, (list, tuple))
+    teacher_views = ([(f"teacher/{i}", t) for i, t in enumerate(teacher_size)] if ensemble
+                     else [("teacher", teacher_size)])
     if mode == "independent":
-        groups = [[("student", student_size)], [("teacher", teacher_size)]]
-    elif teacher_size != student_size and mode != "fixed_teacher":
-        groups = [[("student", student_size), ("teacher", teacher_size)]]
+        groups = [[("student", student_size)]] + [[view] for view in teacher_views]
+    elif (ensemble or teacher_size != student_size) and mode != "fixed_teacher":
+        groups = [[("student", student_size)] + teacher_views]
     else:
         groups = [[("image", student_size)]]
 
@@ -310,6 +323,8 @@ def _train_view_fn(
                 crop = augment.random_flip(crop, seed=seeds[2 * g + 1])
             for name, size in group:
                 views[name] = augment.value_range(augment.resize(crop, size))
+        if ensemble and "image" not in views:
+            views["teacher"] = tuple(views.pop(name) for name, _ in teacher_views)
         return views.get("image", views)
 
     return view_fn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 import keras
@@ -34,15 +35,14 @@ def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, float]:
         config = configs.from_json(f.read())
     student = keras.saving.load_model(student_path, safe_mode=True)
     source = sources.source_for(config.dataset, split, config.data_dir)
-    if train._is_fresh(str(config.teacher)) and not config.teacher_weights and not \
-            os.path.exists(os.path.join(workdir, "teacher.keras")):
+    if train._is_fresh(str(train._as_list(config.teacher)[0])) and not config.teacher_weights \
+            and not glob.glob(os.path.join(workdir, "teacher*.keras")):
         raise FileNotFoundError(f"The workdir {workdir!r} has no trained teacher.keras.")
     teachers = train.build_teachers(config, source.num_classes, workdir, source, verbose=0)
     distiller = Distiller(teachers if len(teachers) > 1 else teachers[0], student,
                           temperature=config.temperature)
     distiller.compile()
-    sizes = train._as_list(config.teacher_size)
     ds = data.eval_pipeline(source, size=config.student_size,
                             batch_size=config.eval_batch_size,
-                            teacher_size=sizes[0] or config.student_size)
+                            teacher_size=train.teacher_input_size(config))
     return {k: float(v) for k, v in distiller.evaluate(ds, verbose=0, return_dict=True).items()}

@@ -9,7 +9,8 @@ last checkpoint of the workdir if there is one, runs `Distiller.fit`, and writes
 Workdir layout:
     config.json         the run's config; a different config is refused
     checkpoints/        student + optimizer state every N steps (atomic, last k)
-    teacher.keras       a teacher trained with labels (when no teacher file is given)
+    teacher.keras       a teacher trained with labels (when no teacher file is given;
+                        teacher-<i>.keras for the i-th teacher of an ensemble)
     student.keras       the final student
     metrics.jsonl       one JSON line per epoch (train and validation metrics)
     tensorboard/        scalars
@@ -123,8 +124,9 @@ def build_teachers(config, num_classes: int, workdir: str, train_source,
         if weight_file:
             load_weights(teacher, weight_file)
         elif _is_fresh(spec):
-            teacher = _trained_teacher(teacher, config, workdir, train_source, size, verbose,
-                                       num_replicas)
+            name = "teacher.keras" if len(specs) == 1 else f"teacher-{len(teachers)}.keras"
+            teacher = _trained_teacher(teacher, config, os.path.join(workdir, name),
+                                       train_source, size, verbose, num_replicas)
         if any(isinstance(layer, models.StdConv2D) for layer in teacher.layers):
             # Frozen: standardize the kernels once instead of every step.
             teacher = models.fold_weight_standardization(teacher)
@@ -132,19 +134,24 @@ def build_teachers(config, num_classes: int, workdir: str, train_source,
     return teachers
 
 
+def teacher_input_size(config) -> int | list[int]:
+    """The teachers' input side; a list when an ensemble's teachers differ (224+384)."""
+    sizes = [s or config.student_size for s in _as_list(config.teacher_size)]
+    return sizes[0] if len(set(sizes)) == 1 else sizes
+
+
 def _is_fresh(spec: str) -> bool:
     """A spec that builds randomly initialized weights (not a file)."""
     return not (spec.endswith(".keras") or os.path.isdir(spec))
 
 
-def _trained_teacher(teacher, config, workdir, train_source, size, verbose, num_replicas=1):
+def _trained_teacher(teacher, config, path, train_source, size, verbose, num_replicas=1):
     if not config.teacher_epochs:
         raise ValueError(
             f"The teacher {config.teacher!r} has no weights: set --config.teacher_weights "
             "to a checkpoint, --config.teacher to a .keras file, or "
             "--config.teacher_epochs > 0 to train it with labels first."
         )
-    path = os.path.join(workdir, "teacher.keras")
     if os.path.exists(path):
         logging.info("Using the teacher trained earlier: %s", path)
         return keras.saving.load_model(path, safe_mode=True)
@@ -158,7 +165,7 @@ def _trained_teacher(teacher, config, workdir, train_source, size, verbose, num_
         num_replicas=num_replicas)
     fit_with_labels(teacher, ds, steps, config.teacher_epochs, config.lr, config.weight_decay,
                     verbose=verbose)
-    tmp = os.path.join(workdir, f".teacher-{os.getpid()}.keras")
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     teacher.save(tmp)
     os.replace(tmp, path)
     return teacher
@@ -305,13 +312,7 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
         print(f"Resuming from step {step} of {total_steps} ({manager.latest()[1]}).",
               flush=True)
 
-    teacher_sizes = [s or config.student_size for s in _as_list(config.teacher_size)]
-    if len(set(teacher_sizes)) > 1:
-        raise ValueError(
-            f"Teachers at different sizes {teacher_sizes} need one view per teacher, which "
-            "the data pipeline does not produce yet. Use one teacher_size for all teachers."
-        )
-    teacher_size = teacher_sizes[0]
+    teacher_size = teacher_input_size(config)
     val_ds = data.eval_pipeline(val_source, size=config.student_size,
                                 batch_size=config.eval_batch_size, teacher_size=teacher_size)
     checkpoints = CheckpointCallback(manager, config.checkpoint_every_steps, student,

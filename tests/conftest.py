@@ -1,5 +1,6 @@
 """Shared test setup: quiet TensorFlow, two logical CPUs for tf.distribute tests."""
 
+import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,8 +21,13 @@ except RuntimeError:  # already initialized by an earlier import
     pass
 
 
+@functools.lru_cache(maxsize=None)
 def two_cpu_strategy() -> tf.distribute.MirroredStrategy:
-    """A 2-replica MirroredStrategy over the two logical CPUs."""
+    """The session's one 2-replica MirroredStrategy over the two logical CPUs.
+
+    Shared: two MirroredStrategy objects in one process collide on collective
+    instance keys ("Shape mismatch in the collective instance").
+    """
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     if len(devices) < 2:
         pytest.skip("two logical CPU devices are not available")

@@ -416,3 +416,23 @@ def test_digits_source_is_offline_and_split_is_stratified():
     assert np.all(np.bincount(labels, minlength=10) >= 50)
     with pytest.raises(ValueError, match="Unknown digits split"):
         sources.digits_source("trian")
+
+
+def test_ensemble_teacher_sizes_give_one_view_each_from_one_crop():
+    src = data.array_source(_arrays(8, 40, 48), np.arange(8) % 2)
+    batch = _take(data.train_pipeline(src, mode="consistent", batch_size=4, student_size=16,
+                                      teacher_size=[24, 32], seed=0), 1)[0]
+    small, large = batch["teacher"]
+    assert small.shape == (4, 24, 24, 3) and large.shape == (4, 32, 32, 3)
+    # Same crop: each teacher view resized to the student's size is close to it
+    # (resampling noise), much closer than to another example's view.
+    for view in (small, large):
+        resized = tf.image.resize(view, [16, 16]).numpy()
+        same = np.abs(resized - batch["student"]).mean()
+        other = np.abs(resized - np.roll(batch["student"], 1, axis=0)).mean()
+        assert same < 0.2 and other > 2 * same
+    images, _ = next(iter(data.eval_pipeline(src, size=16, batch_size=4, teacher_size=[24, 32])))
+    assert [t.shape[1] for t in images["teacher"]] == [24, 32]
+    with pytest.raises(ValueError, match="fixed_teacher"):
+        data.train_pipeline(src, mode="fixed_teacher", batch_size=4, student_size=16,
+                            teacher_size=[24, 32], teacher=object(), workdir="/tmp")

@@ -4,7 +4,6 @@ The 2-replica tests run in this process on the two logical CPUs of conftest;
 multi-worker and JAX runs are `funmatch distill` subprocesses.
 """
 
-import functools
 import json
 import os
 import socket
@@ -24,12 +23,7 @@ from tests import conftest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@functools.lru_cache(maxsize=None)
-def two_cpu_strategy():
-    # One MirroredStrategy for the whole module: a second one in the same process
-    # reuses collective instance keys, and its all-reduces then meet the first's
-    # ("Shape mismatch in the collective instance"). Programs make one strategy.
-    return conftest.two_cpu_strategy()
+two_cpu_strategy = conftest.two_cpu_strategy  # one per session (see its docstring)
 
 
 def smoke_config(**overrides):

@@ -143,8 +143,7 @@ def test_every_shipped_config_builds_its_pipelines_under_mock_data(spec):
     configs.validate(config)
     with tfds.testing.mock_data(num_examples=40):
         train_source = sources.source_for(config.dataset, "train", config.data_dir)
-        sizes = train._as_list(config.teacher_size)
-        teacher_size = sizes[0] or config.student_size
+        teacher_size = train.teacher_input_size(config)
         ds = data.train_pipeline(
             train_source, mode=config.mode, batch_size=config.batch_size,
             student_size=config.student_size, teacher_size=teacher_size, seed=config.seed,
@@ -155,8 +154,22 @@ def test_every_shipped_config_builds_its_pipelines_under_mock_data(spec):
             student = batch["student"] if isinstance(batch, dict) else batch
             assert student.shape == (config.batch_size, config.student_size,
                                      config.student_size, 3)
+            if isinstance(teacher_size, list):  # the ensemble: one view per teacher
+                assert [t.shape[1] for t in batch["teacher"]] == teacher_size
         for split in ("validation", "test"):
             source = sources.source_for(config.dataset, split, config.data_dir)
             images, labels = next(iter(data.eval_pipeline(
                 source, size=config.student_size, batch_size=4, teacher_size=teacher_size)))
             assert int(labels.numpy().max()) < train_source.num_classes
+
+
+@pytest.mark.slow
+def test_imagenet_ensemble_of_two_resolutions_distills(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = configs.load_config("imagenet:ensemble=True,smoke=True")
+    assert isinstance(config.teacher_size, list) and len(set(config.teacher_size)) == 2
+    with tfds.testing.mock_data(num_examples=48):
+        report = train.run(config, str(tmp_path), verbose=0)
+    assert 0.0 <= report["agreement"] <= 1.0
+    assert os.path.exists(tmp_path / "student.keras")
