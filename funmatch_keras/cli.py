@@ -47,24 +47,16 @@ def _config(args: argparse.Namespace):
 def _distill(args: argparse.Namespace) -> int:
     from funmatch_keras import train
 
-    try:
-        train.run(_config(args), args.workdir, overwrite=args.overwrite, verbose=args.verbose,
-                  strategy=args.strategy)
-    except train.TrainingError as error:
-        print(f"funmatch distill: {error}", file=sys.stderr)
-        return 3
+    train.run(_config(args), args.workdir, overwrite=args.overwrite, verbose=args.verbose,
+              strategy=args.strategy)
     return 0
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
-    from funmatch_keras import supervised, train
+    from funmatch_keras import supervised
 
-    try:
-        supervised.train_teacher(_config(args), args.workdir, verbose=args.verbose,
-                                 overwrite=args.overwrite)
-    except train.TrainingError as error:
-        print(f"funmatch train-teacher: {error}", file=sys.stderr)
-        return 3
+    supervised.train_teacher(_config(args), args.workdir, verbose=args.verbose,
+                             overwrite=args.overwrite)
     return 0
 
 
@@ -152,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(rest)
     args.overrides = overrides
+    from funmatch_keras.train import TrainingError
+
     try:
         return args.run(args)
+    except TrainingError as error:  # stopped early (NaN); checkpoints are intact
+        print(f"funmatch {args.command}: {error}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"funmatch {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -173,3 +173,13 @@ def test_imagenet_ensemble_of_two_resolutions_distills(tmp_path):
         report = train.run(config, str(tmp_path), verbose=0)
     assert 0.0 <= report["agreement"] <= 1.0
     assert os.path.exists(tmp_path / "student.keras")
+
+
+def test_cli_exit_code_3_when_training_stops_early(tmp_path, monkeypatch, capsys):
+    def stopped(*args, **kwargs):
+        raise train.TrainingError("Training stopped: loss became NaN at step 5; the last "
+                                  "good checkpoint is step 4.")
+
+    monkeypatch.setattr(train, "run", stopped)
+    assert cli.main(["distill", "--config=digits:smoke=True", f"--workdir={tmp_path}"]) == 3
+    assert "last good checkpoint is step 4" in capsys.readouterr().err
