@@ -35,6 +35,12 @@ from funmatch_keras.checkpoint import CheckpointCallback, CheckpointManager
 from funmatch_keras.distiller import Distiller
 
 
+# A teacher trained here with labels sees milder crops than the student: labels
+# no longer describe a crop of a few percent of the image (unlike the teacher's
+# soft outputs, which the student matches on any crop).
+TEACHER_CROP_AREA_MIN = 0.5
+
+
 class TrainingError(RuntimeError):
     """Training stopped early (e.g. a NaN loss); checkpoints are intact."""
 
@@ -161,7 +167,8 @@ def _trained_teacher(teacher, config, path, train_source, size, verbose, num_rep
     ds = data.train_pipeline(
         train_source, mode="consistent", batch_size=config.batch_size, student_size=size,
         seed=config.seed + 1, shuffle_buffer=min(train_source.num_examples, 50_000),
-        area_range=(max(config.crop_area_min, 0.5), 1.0), flip=config.flip, with_labels=True,
+        area_range=(max(config.crop_area_min, TEACHER_CROP_AREA_MIN), 1.0), flip=config.flip,
+        with_labels=True,
         num_replicas=num_replicas)
     fit_with_labels(teacher, ds, steps, config.teacher_epochs, config.lr, config.weight_decay,
                     verbose=verbose)
