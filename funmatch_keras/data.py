@@ -87,6 +87,7 @@ def train_pipeline(
     area_range: tuple[float, float] = augment.DEFAULT_AREA_RANGE,
     flip: bool = True,
     with_labels: bool = False,
+    input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
     """Training batches for `Distiller.fit` in one of the paper's teaching modes.
 
@@ -94,6 +95,14 @@ def train_pipeline(
     pipeline yields `epochs * num_examples // batch_size` batches (forever if
     `epochs` is None). Corrupt images are skipped and counted (logged once per
     epoch); a source whose every image is corrupt raises an error.
+
+    Across workers, give each worker its own input pipeline with
+    `strategy.distribute_datasets_from_function(lambda ctx: train_pipeline(...,
+    input_context=ctx))`: worker `i` then reads only its shard of the source
+    (`Source.shard`: by file for TFRecords and image folders, by example
+    otherwise) and yields per-replica batches. Without `input_context` the
+    pipeline yields global batches, for `experimental_distribute_dataset` (what
+    `fit` does with a plain dataset), sharded by element (`AutoShardPolicy.DATA`).
 
     Args:
         source: `Source`. Training examples.
@@ -121,6 +130,12 @@ def train_pipeline(
         with_labels: bool. Yield `(views, labels)` for supervised training
             (a teacher, a label-trained baseline); not with mixup or cached
             teacher logits. Defaults to `False`.
+        input_context: `tf.distribute.InputContext` or None. This worker's
+            input pipeline: read its shard of `source`, mix up its part of each
+            global batch (`batch_size / num_input_pipelines` examples, with
+            its own mixup ratio), and yield per-replica batches. The pipeline
+            then repeats forever (`epochs` must be None: shards may differ in
+            size, so bound training by steps). Defaults to None.
 
     Returns:
         A `tf.data.Dataset` of float32 image batches in `[-1, 1]`, or dicts of
@@ -138,6 +153,9 @@ def train_pipeline(
             f"with_labels=True needs a mode without mixup or cached logits, e.g. "
             f"'consistent'. Received: {mode=}"
         )
+    num_pipelines, pipeline_id, replica_batch = _input_sharding(
+        input_context, batch_size, num_replicas, epochs)
+    local_batch = batch_size // num_pipelines
     deterministic = seed is not None
     seed = random.randrange(2**31) if seed is None else seed
     teacher_size = teacher_size or student_size
@@ -147,7 +165,7 @@ def train_pipeline(
     view_fn = _train_view_fn(mode, student_size, teacher_size, source.encoded,
                              tuple(area_range), flip)
     logits = None
-    if mode == "fixed_teacher":
+    if mode == "fixed_teacher":  # for the whole source: indices are global
         logits = tf.constant(teacher_logits(source, teacher, teacher_size, workdir))
     example_key = _stream_key(seed, _EXAMPLE_STREAM)
 
@@ -159,19 +177,27 @@ def train_pipeline(
             return {"student": views, "teacher_logits": cached}
         return (views, example["label"]) if with_labels else views
 
-    offset = start_step * batch_size
-    ds = _example_stream(source, seed, epochs, shuffle_buffer, offset)
+    shard = source.shard(num_pipelines, pipeline_id)
+    # Each pipeline yields its part of every global batch, so at global step k
+    # it has consumed k local batches.
+    offset = start_step * local_batch
+    ds = _example_stream(shard, seed, epochs, shuffle_buffer, offset)
     ds = _try_map(ds, make_views, deterministic)
-    ds = _skip_corrupt(ds, source, first_epoch_done=offset % source.num_examples)
-    ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE,
+    ds = _skip_corrupt(ds, shard, first_epoch_done=offset % shard.num_examples)
+    ds = ds.batch(local_batch, drop_remainder=True, num_parallel_calls=AUTOTUNE,
                   deterministic=deterministic)
     if mode == "function_matching":
         mixup_key = _stream_key(seed, _MIXUP_STREAM)
+        if num_pipelines > 1:  # each pipeline mixes its own part of the batch
+            mixup_key = _fold_in(mixup_key, pipeline_id)
         ds = ds.enumerate(start=start_step).map(
             lambda step, images: augment.mixup(images, seed=_fold_in(mixup_key, step)),
             num_parallel_calls=AUTOTUNE, deterministic=deterministic,
         )
-    return ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
+    if replica_batch != local_batch:
+        ds = ds.rebatch(replica_batch, drop_remainder=True)
+    return ds.prefetch(AUTOTUNE).with_options(
+        _options(deterministic, sharded=input_context is not None))
 
 
 def eval_pipeline(
@@ -291,6 +317,25 @@ def _check_train_args(mode, batch_size, num_replicas, start_step, teacher, workd
             "mode='fixed_teacher' needs `teacher` and `workdir` (to cache the "
             f"teacher's logits). Received: teacher={teacher!r}, workdir={workdir!r}"
         )
+
+
+def _input_sharding(input_context, batch_size, num_replicas, epochs):
+    """`(num_pipelines, pipeline_id, per-yield batch size)` for `train_pipeline`."""
+    if input_context is None:
+        return 1, 0, batch_size
+    pipelines = input_context.num_input_pipelines
+    replicas = input_context.num_replicas_in_sync
+    if batch_size % replicas or num_replicas not in (1, replicas):
+        raise ValueError(
+            "batch_size must be a multiple of the replicas in sync (and num_replicas, if "
+            f"given, equal to them). Received: batch_size={batch_size}, "
+            f"num_replicas_in_sync={replicas}, num_replicas={num_replicas}")
+    if pipelines > 1 and epochs is not None:
+        raise ValueError(
+            f"With {pipelines} input pipelines the pipeline repeats forever (their "
+            f"shards may differ in size): pass epochs=None and bound training by steps "
+            f"(fit's steps_per_epoch). Received: {epochs=}")
+    return pipelines, input_context.input_pipeline_id, batch_size // replicas
 
 
 def _train_view_fn(
@@ -458,15 +503,16 @@ def _skip_corrupt(
     return ds.scan(start, count).filter(is_ok).map(value)
 
 
-def _options(deterministic: bool) -> tf.data.Options:
+def _options(deterministic: bool, sharded: bool = False) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = deterministic
-    # DATA even for file sources (`Source.is_files`): the files are read inside
-    # the per-epoch flat_map, where FILE (and AUTO) sharding fails with "Found an
-    # unshardable source dataset"; sharding by element also keeps every worker on
-    # the same global, seeded order and example indices.
+    # A pipeline of one input context already reads only its shard (by file for
+    # file sources, see `Source.shard`): OFF. A global pipeline is sharded by
+    # element: tf.data's FILE policy cannot find the files, which are read
+    # inside the per-epoch flat_map ("Found an unshardable source dataset").
+    policy = tf.data.experimental.AutoShardPolicy
     options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
+        policy.OFF if sharded else policy.DATA)
     return options
 
 
@@ -487,7 +533,8 @@ def _teacher_key(source: Source, teacher: Any, size: int) -> str:
         raise ValueError(
             "fixed_teacher caches logits under a hash of the teacher's weights, but "
             f"the teacher has none. Received: teacher={teacher!r}")
-    digest = hashlib.sha256(f"{source.name}|{source.num_examples}|{size}".encode())
+    # Version 2: TFRecord example indices count records file by file.
+    digest = hashlib.sha256(f"2|{source.name}|{source.num_examples}|{size}".encode())
     for weight in weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
         digest.update(f"{value.shape}{value.dtype}".encode())

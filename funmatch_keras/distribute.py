@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import keras
 from absl import logging
@@ -173,6 +173,17 @@ def is_chief(strategy=None) -> bool:
                           resolver.cluster_spec().as_dict())
 
 
+def _num_workers(strategy) -> int:
+    """Worker processes of a `MultiWorkerMirroredStrategy` cluster (else 1)."""
+    import tensorflow as tf
+
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return 1
+    cluster = resolver.cluster_spec().as_dict()
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
 def _is_chief_task(task_type: str, task_id: int, cluster: dict) -> bool:
     if task_type == "chief":
         return True
@@ -293,6 +304,8 @@ class Replication:
         task: str. `"chief"`, or e.g. `"worker_1"` for other workers.
         strategy: `tf.distribute.Strategy` (TensorFlow) or None.
         distribution: `keras.distribution.Distribution` (JAX) or None.
+        num_workers: int. Processes that each run an input pipeline
+            (`MultiWorkerMirroredStrategy` workers), else 1.
     """
 
     kind: str
@@ -301,6 +314,30 @@ class Replication:
     task: str = "chief"
     strategy: Any = None
     distribution: Any = None
+    num_workers: int = 1
+
+    def train_dataset(self, make_pipeline: Callable[[Any], Any]) -> Any:
+        """The training input: one global pipeline, or one per worker.
+
+        Args:
+            make_pipeline: `fn(input_context) -> tf.data.Dataset`, e.g. a
+                `data.train_pipeline` with `input_context=input_context`.
+
+        Returns:
+            `make_pipeline(None)` (global batches) on one worker. Across
+            workers, `strategy.distribute_datasets_from_function(make_pipeline)`:
+            each worker reads its own shard of the data (by file for TFRecords)
+            instead of every worker reading everything.
+
+        Example:
+        >>> import tensorflow as tf
+        >>> ds = replication("default").train_dataset(lambda ctx: tf.data.Dataset.range(3))
+        >>> int(ds.cardinality())
+        3
+        """
+        if self.num_workers > 1:
+            return self.strategy.distribute_datasets_from_function(make_pipeline)
+        return make_pipeline(None)
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
@@ -358,7 +395,8 @@ def replication(kind: str | Any | None = None) -> Replication:
         return Replication("default", 1, True)
     chosen = strategy(kind) if isinstance(kind, str) else kind
     return Replication(_strategy_name(chosen), chosen.num_replicas_in_sync,
-                       is_chief(chosen), _task_name(chosen), strategy=chosen)
+                       is_chief(chosen), _task_name(chosen), strategy=chosen,
+                       num_workers=_num_workers(chosen))
 
 
 def check_batch_size(batch_size: int, num_replicas: int, name: str = "batch_size") -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +53,27 @@ class Source:
         num_examples: int. Number of examples (records), corrupt ones included.
         num_classes: int. Labels lie in `[0, num_classes)`.
         encoded: bool. `image` is JPEG/PNG bytes (else a decoded uint8/float array).
-        is_files: bool. Read from a file list (tf.data auto-shard policy FILE).
         make_dataset: callable returning a `tf.data.Dataset` of
-            `{"image", "label"}` in a deterministic order.
+            `{"image", "label"}` (and optionally `"index"`, else the position is
+            the index) in a deterministic order.
+        num_files: int. Files the examples are read from (0: not file based).
+        shard_by_file: callable `(num_shards, shard_index) -> Source` reading
+            only that shard's files (see `shard`), or None.
     """
 
     name: str
     num_examples: int
     num_classes: int
     encoded: bool
-    is_files: bool
     make_dataset: Callable[[], tf.data.Dataset] = dataclasses.field(repr=False)
+    num_files: int = 0
+    shard_by_file: Callable[[int, int], "Source"] | None = dataclasses.field(
+        default=None, repr=False)
+
+    @property
+    def is_files(self) -> bool:
+        """Whether `shard` splits this source by file (tf.data's FILE policy)."""
+        return self.shard_by_file is not None
 
     def dataset(self) -> tf.data.Dataset:
         """Examples as `{"image", "label": int32, "index": int64}`, labels checked.
@@ -74,8 +85,8 @@ class Source:
         """
         num_classes = self.num_classes
 
-        def with_index(index, example):
-            label = tf.cast(example["label"], tf.int32)
+        def check_label(example):
+            label, index = example["label"], example["index"]
             in_range = tf.logical_and(label >= 0, label < num_classes)
             check = tf.debugging.Assert(
                 in_range,
@@ -84,9 +95,58 @@ class Source:
             )
             with tf.control_dependencies([check]):
                 label = tf.identity(label)
-            return {"image": example["image"], "label": label, "index": index}
+            return {**example, "label": label}
 
-        return self.make_dataset().enumerate().map(with_index)
+        return self._indexed().map(check_label)
+
+    def shard(self, num_shards: int, shard_index: int) -> Source:
+        """The part of the examples that input pipeline `shard_index` reads.
+
+        File sources with at least `num_shards` files are split by file, like
+        tf.data's `AutoShardPolicy.FILE`: shard `i` reads only files `i`,
+        `i + num_shards`, ... Other sources are split by example (shard `i`
+        gets the examples whose index is `i` modulo `num_shards`), before any
+        image is decoded. Example indices stay those of the whole source.
+
+        Example:
+        >>> src = array_source(np.zeros([5, 8, 8], np.uint8), np.arange(5))
+        >>> part = src.shard(2, 1)
+        >>> part.num_examples, [int(ex["index"]) for ex in part.dataset()]
+        (2, [1, 3])
+        """
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"Expected 0 <= shard_index < num_shards. Received: "
+                             f"{shard_index=}, {num_shards=}")
+        if num_shards == 1:
+            return self
+        if self.shard_by_file is not None and self.num_files >= num_shards:
+            return self.shard_by_file(num_shards, shard_index)
+        if self.shard_by_file is not None:
+            logging.warning(
+                "%s has %d files for %d input pipelines: sharding by example instead "
+                "of by file (every pipeline reads every file).",
+                self.name, self.num_files, num_shards)
+
+        def make_dataset():
+            return self._indexed().filter(
+                lambda ex: tf.equal(ex["index"] % num_shards, shard_index))
+
+        return Source(
+            name=f"{self.name}[{shard_index}::{num_shards}]",
+            num_examples=len(range(shard_index, self.num_examples, num_shards)),
+            num_classes=self.num_classes,
+            encoded=self.encoded,
+            make_dataset=make_dataset,
+        )
+
+    def _indexed(self) -> tf.data.Dataset:
+        """`make_dataset()` with labels int32 and an int64 `"index"`."""
+        ds = self.make_dataset()
+        if "index" not in ds.element_spec:
+            ds = ds.enumerate().map(lambda index, ex: {**ex, "index": index})
+        return ds.map(lambda ex: {"image": ex["image"],
+                                  "label": tf.cast(ex["label"], tf.int32),
+                                  "index": tf.cast(ex["index"], tf.int64)})
 
 
 def split_names(preset: str) -> dict[str, str]:
@@ -163,7 +223,6 @@ def tfds_source(
         num_examples=num_examples,
         num_classes=builder.info.features["label"].num_classes,
         encoded=True,
-        is_files=False,
         make_dataset=make_dataset,
     )
 
@@ -187,7 +246,9 @@ def tfrecord_source(
 ) -> Source:
     """TFRecord shards of `tf.train.Example`s holding encoded images and int labels.
 
-    Counts the records once (a pass over the files that decodes no image).
+    Counts the records of each file once (a parallel pass that decodes no
+    image). Example indices number the records file by file, in sorted file
+    order, so they do not depend on the read order or on sharding by file.
 
     Args:
         pattern: str. Glob of the shard files, e.g. `"/data/train-*"`.
@@ -196,7 +257,7 @@ def tfrecord_source(
         num_classes: int. Defaults to the largest label + 1 (one more cheap pass).
 
     Returns:
-        A `Source` of encoded images.
+        A `Source` of encoded images, split by file when sharded.
 
     Example:
     >>> src = tfrecord_source("/data/pets/train-*", num_classes=37)  # doctest: +SKIP
@@ -210,43 +271,53 @@ def tfrecord_source(
         image_key: tf.io.FixedLenFeature([], tf.string, default_value=""),
         label_key: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
     }
-
-    def records():
-        # Fixed cycle length and deterministic order: the example index must
-        # not depend on the machine (cached teacher logits are keyed by it).
-        return tf.data.Dataset.from_tensor_slices(files).interleave(
-            tf.data.TFRecordDataset,
-            cycle_length=min(8, len(files)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-
-    def make_dataset():
-        def parse(record):
-            ex = tf.io.parse_single_example(record, features)
-            return {"image": ex[image_key], "label": ex[label_key]}
-
-        return records().map(parse, num_parallel_calls=tf.data.AUTOTUNE,
-                             deterministic=True)
-
-    num_examples = _count(records())
-    if num_examples == 0:
+    counts = tf.data.Dataset.from_tensor_slices(files).map(
+        lambda f: _count_records(tf.data.TFRecordDataset(f)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    counts = np.fromiter(counts.as_numpy_iterator(), np.int64, len(files))
+    if counts.sum() == 0:
         raise ValueError(f"The TFRecord files matching {pattern!r} hold no records.")
+    first_index = np.cumsum(counts) - counts
+
+    def records(file_ids: np.ndarray) -> tf.data.Dataset:
+        """`(index, serialized record)` of the given files."""
+        def read(path, first):
+            return tf.data.TFRecordDataset(path).enumerate(start=first)
+
+        # Fixed cycle length and deterministic order: reproducible runs.
+        return tf.data.Dataset.from_tensor_slices(
+            ([files[i] for i in file_ids], first_index[file_ids])).interleave(
+                read, cycle_length=min(8, len(file_ids)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
     if num_classes is None:
         label_feature = {label_key: features[label_key]}
-        labels = records().batch(1024).map(
+        labels = records(np.arange(len(files))).map(lambda i, r: r).batch(1024).map(
             lambda r: tf.io.parse_example(r, label_feature)[label_key])
         max_label = labels.reduce(tf.constant(-1, tf.int64),
                                   lambda m, x: tf.maximum(m, tf.reduce_max(x)))
         num_classes = int(max_label) + 1
-    return Source(
-        name=f"tfrecord:{pattern}",
-        num_examples=num_examples,
-        num_classes=num_classes,
-        encoded=True,
-        is_files=True,
-        make_dataset=make_dataset,
-    )
+
+    def source(file_ids: np.ndarray, name: str) -> Source:
+        def make_dataset():
+            def parse(index, record):
+                ex = tf.io.parse_single_example(record, features)
+                return {"image": ex[image_key], "label": ex[label_key], "index": index}
+
+            return records(file_ids).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                         deterministic=True)
+
+        return Source(
+            name=name,
+            num_examples=int(counts[file_ids].sum()),
+            num_classes=num_classes,
+            encoded=True,
+            make_dataset=make_dataset,
+            num_files=len(file_ids),
+            shard_by_file=lambda n, i: source(file_ids[i::n], f"{name}[{i}::{n}]"),
+        )
+
+    return source(np.arange(len(files)), f"tfrecord:{pattern}")
 
 
 def folder_source(root: str) -> Source:
@@ -258,7 +329,8 @@ def folder_source(root: str) -> Source:
         root: str. Directory with one sub-directory per class.
 
     Returns:
-        A `Source` of encoded images, ordered by class name then file name.
+        A `Source` of encoded images, ordered by class name then file name
+        (split by file when sharded).
 
     Example:
     >>> src = folder_source("/data/my_flowers")  # doctest: +SKIP
@@ -282,20 +354,26 @@ def folder_source(root: str) -> Source:
         raise ValueError(
             f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}/<class>/."
         )
+    paths, labels = np.array(paths), np.array(labels, np.int32)
 
-    def make_dataset():
-        ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-        return ds.map(lambda p, y: {"image": tf.io.read_file(p), "label": y},
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    def source(ids: np.ndarray, name: str) -> Source:
+        def make_dataset():
+            ds = tf.data.Dataset.from_tensor_slices((ids, paths[ids], labels[ids]))
+            return ds.map(
+                lambda i, p, y: {"image": tf.io.read_file(p), "label": y, "index": i},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    return Source(
-        name=f"folder:{root}",
-        num_examples=len(paths),
-        num_classes=len(classes),
-        encoded=True,
-        is_files=False,
-        make_dataset=make_dataset,
-    )
+        return Source(
+            name=name,
+            num_examples=len(ids),
+            num_classes=len(classes),
+            encoded=True,
+            make_dataset=make_dataset,
+            num_files=len(ids),
+            shard_by_file=lambda n, i: source(ids[i::n], f"{name}[{i}::{n}]"),
+        )
+
+    return source(np.arange(len(paths), dtype=np.int64), f"folder:{root}")
 
 
 def array_source(
@@ -363,13 +441,16 @@ def array_source(
         num_examples=len(images),
         num_classes=num_classes,
         encoded=False,
-        is_files=False,
         make_dataset=make_dataset,
     )
 
 
+def _count_records(ds: tf.data.Dataset) -> tf.Tensor:
+    return ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
+
+
 def _count(ds: tf.data.Dataset) -> int:
-    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+    return int(_count_records(ds))
 
 
 # The bundled offline dataset: scikit-learn's 1,797 8x8 digits (values 0..16).

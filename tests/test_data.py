@@ -26,12 +26,17 @@ def _jpeg(image: np.ndarray) -> bytes:
     return tf.io.encode_jpeg(image).numpy()
 
 
-def _write_tfrecords(directory, images, labels, corrupt=(), shards=2):
-    """Writes `class`/`image` Examples; images at indices in `corrupt` are cut."""
+def _png(image: np.ndarray) -> bytes:
+    return tf.io.encode_png(image).numpy()
+
+
+def _write_tfrecords(directory, images, labels, corrupt=(), shards=2, encode=_jpeg):
+    """Writes `class`/`image` Examples, example i to shard `i % shards`; images
+    at indices in `corrupt` are cut."""
     writers = [tf.io.TFRecordWriter(os.path.join(directory, f"train-{s:05d}"))
                for s in range(shards)]
     for i, (image, label) in enumerate(zip(images, labels)):
-        encoded = _jpeg(image)
+        encoded = encode(image)
         if i in corrupt:
             encoded = encoded[: len(encoded) // 2]  # Valid header, truncated data.
         example = tf.train.Example(features=tf.train.Features(feature={
@@ -136,7 +141,7 @@ def test_tfrecords_load_and_corrupt_jpeg_is_counted(tmp_path, caplog):
     np.testing.assert_array_equal(labels, [0, 1, 2, 1, 2, 4])  # Shard-interleaved.
     options = data.train_pipeline(src, batch_size=2, student_size=SIZE).options()
     assert options.experimental_distribute.auto_shard_policy == (
-        tf.data.experimental.AutoShardPolicy.DATA)  # FILE can't shard this graph.
+        tf.data.experimental.AutoShardPolicy.DATA)  # global batches; per-worker: OFF
 
 
 def test_image_folder_png_gray_rgba_and_corrupt(image_folder, caplog):
@@ -436,3 +441,106 @@ def test_ensemble_teacher_sizes_give_one_view_each_from_one_crop():
     with pytest.raises(ValueError, match="fixed_teacher"):
         data.train_pipeline(src, mode="fixed_teacher", batch_size=4, student_size=16,
                             teacher_size=[24, 32], teacher=object(), workdir="/tmp")
+
+
+# ------------------------------------------------- sharding across workers
+
+
+def _written_ids(batch):
+    """Example ids of `_constant_tfrecords` images: the constant pixel value."""
+    return np.rint((batch[:, 0, 0, 0] + 1.0) * 127.5 / 10).astype(int).tolist()
+
+
+def _constant_tfrecords(directory, n=23, shards=5):
+    """Lossless PNG records; example i (constant pixel 10 * i) goes to shard i % 5."""
+    images = _constant_images(10 * np.arange(n), h=12, w=14)
+    return data.tfrecord_source(_write_tfrecords(
+        directory, images, np.arange(n) % 3, shards=shards, encode=_png))
+
+
+def test_file_sources_shard_by_file_with_global_indices(tmp_path, image_folder):
+    n, shards = 23, 5
+    src = _constant_tfrecords(str(tmp_path), n, shards)
+    assert (src.num_files, src.is_files) == (shards, True)
+    # Index = records of earlier files + position in the file (files sorted).
+    counts = [len(range(s, n, shards)) for s in range(shards)]
+    index_of = {i: sum(counts[:i % shards]) + i // shards for i in range(n)}
+    kw = dict(mode="consistent", batch_size=1, student_size=8, seed=0, epochs=1,
+              area_range=(1.0, 1.0), flip=False)
+    seen = []
+    for worker in range(2):
+        part = src.shard(2, worker)
+        # Worker w reads exactly the files s with s % 2 == w.
+        expected = [i for i in range(n) if (i % shards) % 2 == worker]
+        assert part.num_examples == len(expected) and part.num_files == len(
+            range(worker, shards, 2))
+        assert sorted(int(ex["index"]) for ex in part.dataset()) == sorted(
+            index_of[i] for i in expected)
+        ids = sum((_written_ids(b) for b in _take(data.train_pipeline(part, **kw), n)), [])
+        assert sorted(ids) == expected
+        seen += ids
+    assert sorted(seen) == list(range(n))  # disjoint, and together everything
+
+    folder = data.folder_source(image_folder)
+    parts = [folder.shard(3, w) for w in range(3)]
+    assert [p.num_examples for p in parts] == [2, 2, 2] and all(p.is_files for p in parts)
+    indices = [sorted(int(ex["index"]) for ex in p.dataset()) for p in parts]
+    assert indices == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_sources_without_enough_files_shard_by_example(tmp_path, caplog):
+    src = data.array_source(_arrays(7), np.arange(7) % 2)
+    assert not src.is_files
+    assert [[int(ex["index"]) for ex in src.shard(3, w).dataset()] for w in range(3)] == [
+        [0, 3, 6], [1, 4], [2, 5]]
+    assert src.shard(1, 0) is src
+    two_files = _constant_tfrecords(str(tmp_path), n=6, shards=2)
+    with caplog.at_level(logging.WARNING):
+        part = two_files.shard(3, 1)
+    assert "sharding by example instead of by file" in caplog.text
+    assert sorted(int(ex["index"]) for ex in part.dataset()) == [1, 4]
+    with pytest.raises(ValueError, match="shard_index"):
+        src.shard(2, 2)
+
+
+def _context(pipelines, pipeline_id, replicas):
+    return tf.distribute.InputContext(num_input_pipelines=pipelines,
+                                      input_pipeline_id=pipeline_id,
+                                      num_replicas_in_sync=replicas)
+
+
+def test_input_context_pipelines_read_their_files_and_resume(tmp_path):
+    """2 workers x 2 replicas, global batch 8: each worker yields per-replica
+    batches of 2 from its own files, covering them once per (local) epoch."""
+    n, shards = 23, 5
+    src = _constant_tfrecords(str(tmp_path), n, shards)
+    kw = dict(mode="consistent", batch_size=8, student_size=8, seed=3,
+              area_range=(1.0, 1.0), flip=False, shuffle_buffer=100)
+    for worker in range(2):
+        ds = data.train_pipeline(src, input_context=_context(2, worker, 4), **kw)
+        assert ds.options().experimental_distribute.auto_shard_policy == (
+            tf.data.experimental.AutoShardPolicy.OFF)
+        own = [i for i in range(n) if (i % shards) % 2 == worker]
+        batches = _take(ds, 2 * len(own))  # several local epochs
+        assert {b.shape for b in batches} == {(2, 8, 8, 3)}
+        ids = sum((_written_ids(b) for b in batches), [])
+        assert sorted(ids[:len(own)]) == own  # one epoch of its shard first
+        assert set(ids) == set(own)
+        # Global step 3 = this worker's per-replica batches 6 and 7.
+        resumed = _take(data.train_pipeline(
+            src, input_context=_context(2, worker, 4), start_step=3, **kw), 2)
+        np.testing.assert_array_equal(np.stack(resumed), np.stack(batches[6:8]))
+
+
+def test_input_context_mixup_and_argument_checks():
+    src = data.array_source(_arrays(12), np.arange(12) % 3)
+    kw = dict(batch_size=8, student_size=SIZE, seed=0)
+    # One pipeline over 4 replicas: the global batch, mixed, then split in 4.
+    whole = _take(data.train_pipeline(src, **kw), 2)
+    split = _take(data.train_pipeline(src, input_context=_context(1, 0, 4), **kw), 8)
+    np.testing.assert_allclose(np.concatenate(split[:4]), whole[0], atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(split[4:]), whole[1], atol=1e-6)
+    with pytest.raises(ValueError, match="epochs=None"):
+        data.train_pipeline(src, input_context=_context(2, 0, 2), epochs=1, **kw)
+    with pytest.raises(ValueError, match="num_replicas_in_sync=3"):
+        data.train_pipeline(src, input_context=_context(1, 0, 3), **kw)

@@ -6,6 +6,7 @@ multi-worker and JAX runs are `funmatch distill` subprocesses.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -297,6 +298,11 @@ def test_multi_worker_run_on_two_processes(tmp_path, teacher_file):
     history = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     assert [h["step"] for h in history] == [2]
     assert "Training on 2 replicas (MultiWorkerMirroredStrategy, worker_1)" in _read(logs[1])
+    # Each worker has its own input pipeline over its half of the 1,257 digits.
+    assert re.search(r"Input pipeline 1 of 2 reads digits-train\S*\[0::2\]: 629 examples",
+                     _read(logs[0]))
+    assert re.search(r"Input pipeline 2 of 2 reads digits-train\S*\[1::2\]: 628 examples",
+                     _read(logs[1]))
 
 
 @pytest.mark.slow
