@@ -1,8 +1,8 @@
 """Export a trained student as .keras, SavedModel and TFLite, with parity checks.
 
 Every artifact is written to a temporary path and renamed into place, so a failed
-export never leaves a partial file. `verify` runs an artifact the way it will be
-deployed (one image per call) and compares it with the Keras model it came from.
+export never leaves a partial file. `export_all` checks each artifact with
+`funmatch_keras.verify.verify`, which runs it the way it will be deployed.
 
 Example:
 >>> report = export_all(student, "export", ["saved_model", "tflite_int8"],
@@ -17,9 +17,7 @@ import json
 import os
 import re
 import shutil
-import statistics
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -29,13 +27,11 @@ import numpy as np
 import tensorflow as tf
 
 from funmatch_keras import augment
+from funmatch_keras.verify import INPUT_NAME, iter_images, load_keras_model, verify
 
 TFLITE_MODES = ("fp32", "fp16", "dynamic", "int8")
 FORMATS = ("keras", "saved_model") + tuple(f"tflite_{m}" for m in TFLITE_MODES)
-ARTIFACT_KINDS = ("keras", "saved_model", "tflite")
 REPORT_NAME = "export_report.json"
-# The SavedModel input name, and so the TFLite signature's input name.
-INPUT_NAME = "images"
 
 _ARTIFACT_NAMES = {
     "keras": "student.keras",
@@ -201,7 +197,7 @@ def to_tflite(
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
             # A list, so the converter may iterate it more than once.
-            calibration = list(_iter_images(representative_data, num_calibration))
+            calibration = list(iter_images(representative_data, num_calibration))
             converter.representative_dataset = lambda: ([x[None]] for x in calibration)
         try:
             flatbuffer = converter.convert()
@@ -237,143 +233,6 @@ def _as_saved_model(
         return
     with tempfile.TemporaryDirectory(prefix="funmatch_export_") as tmp:
         yield to_saved_model(source, Path(tmp) / "saved_model", image_size=image_size)
-
-
-# --------------------------------------------------------------------------
-# Verification
-# --------------------------------------------------------------------------
-
-
-def verify(
-    artifact_path: str | os.PathLike,
-    reference_model: keras.Model,
-    images: Any,
-    kind: str | None = None,
-) -> dict[str, Any]:
-    """Runs an exported artifact one image at a time and compares it with Keras.
-
-    Args:
-        artifact_path: str. A `.keras` file, a SavedModel directory or a
-            `.tflite` file.
-        reference_model: keras.Model. The model the artifact was made from.
-        images: float images `[N, S, S, 3]` in [-1, 1] (array, tensor, dataset
-            or iterable of batches).
-        kind: str. `"keras"`, `"saved_model"` or `"tflite"`. Defaults to `None`
-            (inferred from the path).
-
-    Returns:
-        dict with `agreement` (top-1 agreement with `reference_model`, a
-        fraction), `max_abs_logit_diff`, `median_latency_ms` (per image, on this
-        machine), `size_bytes`, `num_images` and `kind`.
-
-    Example:
-    >>> verify("export/student_int8.tflite", student, val_images)["agreement"]
-    0.995
-    """
-    path = Path(artifact_path)
-    kind = kind or _infer_kind(path)
-    if kind not in _RUNNERS:
-        raise ValueError(
-            f"`kind` must be one of {ARTIFACT_KINDS}. Received: kind={kind!r}"
-        )
-    images = np.stack(list(_iter_images(images)))
-    predict = _RUNNERS[kind](path)
-    predict(images[:1])  # warm-up: tracing, allocation
-    logits, latencies = [], []
-    for image in images:
-        start = time.perf_counter()
-        logits.append(predict(image[None]))
-        latencies.append(time.perf_counter() - start)
-    logits = np.concatenate(logits).astype(np.float32)
-    expected = _reference_logits(reference_model, images)
-    return {
-        "kind": kind,
-        "num_images": int(len(images)),
-        "agreement": float(np.mean(logits.argmax(-1) == expected.argmax(-1))),
-        "max_abs_logit_diff": float(np.max(np.abs(logits - expected))),
-        "median_latency_ms": 1000.0 * statistics.median(latencies),
-        "size_bytes": _size_bytes(path),
-    }
-
-
-def _reference_logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    chunks = [
-        keras.ops.convert_to_numpy(model(images[i : i + 64], training=False))
-        for i in range(0, len(images), 64)
-    ]
-    return np.concatenate(chunks).astype(np.float32)
-
-
-# A runner loads an artifact and returns `predict(images[1, S, S, 3]) -> logits`.
-Runner = Callable[[np.ndarray], np.ndarray]
-
-
-def _keras_runner(path: Path) -> Runner:
-    _register_custom_objects()
-    model = keras.saving.load_model(path, safe_mode=True)
-    call = tf.function(lambda x: model(x, training=False))
-    return lambda x: call(tf.constant(x, tf.float32)).numpy()
-
-
-def _saved_model_runner(path: Path) -> Runner:
-    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-    return lambda x: serve(**{INPUT_NAME: tf.constant(x, tf.float32)})["logits"].numpy()
-
-
-def _tflite_runner(path: Path) -> Runner:
-    from ai_edge_litert.interpreter import Interpreter
-
-    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
-    [(input_name, input_details)] = runner.get_input_details().items()
-    output_details = runner.get_output_details()["logits"]
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        q = quantize(x, input_details)
-        return dequantize(runner(**{input_name: q})["logits"], output_details)
-
-    return predict
-
-
-_RUNNERS: dict[str, Callable[[Path], Runner]] = {
-    "keras": _keras_runner,
-    "saved_model": _saved_model_runner,
-    "tflite": _tflite_runner,
-}
-
-
-def quantize(x: np.ndarray, details: dict[str, Any]) -> np.ndarray:
-    """Maps floats to a TFLite tensor's dtype: `round(x / scale) + zero_point`, clipped.
-
-    A float tensor (scale 0) gets `x` unchanged, cast to its dtype.
-    """
-    dtype = np.dtype(details["dtype"])
-    scale, zero_point = details["quantization"]
-    if not np.issubdtype(dtype, np.integer) or scale == 0:
-        return np.asarray(x, dtype)
-    info = np.iinfo(dtype)
-    q = np.round(np.asarray(x, np.float32) / scale) + zero_point
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
-def dequantize(q: np.ndarray, details: dict[str, Any]) -> np.ndarray:
-    """Maps a TFLite tensor back to float32: `(q - zero_point) * scale`."""
-    scale, zero_point = details["quantization"]
-    if not np.issubdtype(np.dtype(details["dtype"]), np.integer) or scale == 0:
-        return np.asarray(q, np.float32)
-    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
-
-
-def _infer_kind(path: Path) -> str:
-    if path.suffix == ".keras":
-        return "keras"
-    if path.suffix == ".tflite":
-        return "tflite"
-    if (path / "saved_model.pb").exists():
-        return "saved_model"
-    raise ValueError(
-        f"Cannot tell the artifact kind of {path}: expected a `.keras` file, a "
-        f"`.tflite` file or a SavedModel directory; pass `kind=` explicitly."
-    )
 
 
 # --------------------------------------------------------------------------
@@ -432,7 +291,7 @@ def export_all(
     for path in paths.values():  # fail before spending minutes on the others
         _check_writable(path, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    eval_images = np.stack(list(_iter_images(eval_images)))
+    eval_images = np.stack(list(iter_images(eval_images)))
     size = _static_size(model) or int(eval_images.shape[1])
 
     writers: dict[str, Callable[[Path], Any]] = {
@@ -530,8 +389,7 @@ def run_export(
             f"no trained student at {student_path}: run `funmatch distill` or "
             f"`funmatch demo` first"
         )
-    _register_custom_objects()
-    model = keras.saving.load_model(student_path, safe_mode=True)
+    model = load_keras_model(student_path)
     out_dir = Path(out_dir) if out_dir is not None else workdir / "export"
     if eval_images is None and (workdir / "config.json").is_file():
         eval_images, calibration = workdir_images(workdir, num_images)
@@ -576,12 +434,6 @@ def workdir_images(workdir: Path, num_images: int) -> tuple[np.ndarray, np.ndarr
     return images("test"), images("train")
 
 
-def _register_custom_objects() -> None:
-    # Loading with safe_mode needs the package's serializable layers (StdConv2D,
-    # ...) registered, which happens when their modules are imported.
-    import funmatch_keras.models  # noqa: F401
-
-
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
@@ -604,22 +456,6 @@ def _image_size(model: keras.Model, image_size: int | None) -> int:
             f"pass `image_size=`. Received: input shape {shape}"
         )
     return int(size)
-
-
-def _iter_images(data: Any, limit: int | None = None) -> Iterator[np.ndarray]:
-    """Yields single float32 images `[S, S, 3]` from arrays, datasets or batches."""
-    if isinstance(data, (np.ndarray, tf.Tensor)):
-        data = [data]
-    count = 0
-    for batch in data:
-        if isinstance(batch, (tuple, list)):  # (images, labels)
-            batch = batch[0]
-        batch = np.asarray(batch, np.float32)
-        for image in batch if batch.ndim == 4 else batch[None]:
-            if limit is not None and count >= limit:
-                return
-            count += 1
-            yield image
 
 
 def _check_writable(path: Path, overwrite: bool) -> None:
@@ -648,12 +484,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def _size_bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 def _human_size(n: int) -> str:

@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 
 from funmatch_keras import augment
 from funmatch_keras import export as fx
+from funmatch_keras import verify as fv
 
 SIZE = 32
 BLANK = np.zeros([1, SIZE, SIZE, 3], np.float32)
@@ -149,20 +150,11 @@ def test_int8_verify_applies_quantization(exported, student, digits):
     q = np.clip(np.round(image / in_scale) + in_zp, -128, 127).astype(np.int8)
     logits = (runner(images=q)["logits"].astype(np.float32) - out_zp) * out_scale
     expected = keras.ops.convert_to_numpy(student(image, training=False))
-    result = fx.verify(path, student, image)
+    result = fv.verify(path, student, image)
     assert result["max_abs_logit_diff"] == pytest.approx(
         np.max(np.abs(logits - expected)), abs=1e-5
     )
     assert result["agreement"] == float(logits.argmax() == expected.argmax())
-
-
-def test_quantize_rounds_offsets_and_clips():
-    details = {"dtype": np.int8, "quantization": (0.5, -3)}
-    q = fx.quantize(np.array([0.0, 1.1, 1e3, -1e3]), details)
-    np.testing.assert_array_equal(q, np.array([-3, -1, 127, -128], np.int8))
-    np.testing.assert_allclose(fx.dequantize(q[:2], details), [0.0, 1.0])
-    float_details = {"dtype": np.float32, "quantization": (0.0, 0)}
-    assert fx.quantize(np.array([0.25]), float_details).dtype == np.float32
 
 
 @pytest.fixture

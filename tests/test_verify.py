@@ -1,0 +1,58 @@
+"""Tests for funmatch_keras.verify: quantization maths and the artifact runners.
+
+Every format is verified end to end against a trained student in
+tests/test_export.py; these are the fast checks.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from funmatch_keras import verify as fv
+
+SIZE = 16
+
+
+def _tiny_model() -> keras.Model:
+    inputs = keras.Input((SIZE, SIZE, 3), name="images")
+    x = keras.layers.Conv2D(8, 3, 2, padding="same")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4)(x), name="tiny")
+
+
+def test_quantize_rounds_offsets_and_clips():
+    details = {"dtype": np.int8, "quantization": (0.5, -3)}
+    q = fv.quantize(np.array([0.0, 1.1, 1e3, -1e3]), details)
+    np.testing.assert_array_equal(q, np.array([-3, -1, 127, -128], np.int8))
+    np.testing.assert_allclose(fv.dequantize(q[:2], details), [0.0, 1.0])
+    float_details = {"dtype": np.float32, "quantization": (0.0, 0)}
+    assert fv.quantize(np.array([0.25]), float_details).dtype == np.float32
+
+
+def test_iter_images_flattens_batches_and_labels():
+    batches = tf.data.Dataset.from_tensor_slices(
+        (np.zeros([5, SIZE, SIZE, 3]), np.zeros([5]))
+    ).batch(2)
+    assert len(list(fv.iter_images(batches))) == 5
+    assert len(list(fv.iter_images(np.zeros([5, SIZE, SIZE, 3]), limit=3))) == 3
+    [image] = fv.iter_images(np.zeros([SIZE, SIZE, 3]))
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.float32
+
+
+def test_verify_keras_file_matches_its_model(tmp_path):
+    model = _tiny_model()
+    path = tmp_path / "tiny.keras"
+    model.save(path)
+    images = np.random.default_rng(0).uniform(-1, 1, (3, SIZE, SIZE, 3))
+    result = fv.verify(path, model, images)
+    assert result["kind"] == "keras" and result["num_images"] == 3
+    assert result["agreement"] == 1.0 and result["max_abs_logit_diff"] < 1e-5
+    assert result["size_bytes"] == path.stat().st_size
+
+
+def test_verify_rejects_unknown_artifacts(tmp_path):
+    with pytest.raises(ValueError, match="Cannot tell the artifact kind"):
+        fv.verify(tmp_path / "model.onnx", _tiny_model(), np.zeros([1, SIZE, SIZE, 3]))
+    with pytest.raises(ValueError, match="Received: kind='onnx'"):
+        fv.verify(tmp_path, _tiny_model(), np.zeros([1, SIZE, SIZE, 3]), kind="onnx")
