@@ -1,0 +1,50 @@
+"""Tests for funmatch_keras.cli: `--help` answers without importing TensorFlow.
+
+The commands themselves run in test_demo.py, test_train.py and test_distribute.py.
+"""
+
+import subprocess
+import sys
+
+HELP_ARGVS = [["--help"]] + [
+    [command, "--help"]
+    for command in ("demo", "distill", "train-teacher", "evaluate", "export")
+]
+HEAVY = ("tensorflow", "keras", "jax")
+
+# Runs `cli.main(argv)` for every help argv in one fresh interpreter and prints
+# the heavy top-level modules that got imported. `{stub}` replaces the package's
+# __init__ by an empty package, to test cli.py on its own.
+_SCRIPT = """
+import importlib.util, sys, types
+if {stub}:
+    spec = importlib.util.find_spec("funmatch_keras")
+    package = types.ModuleType("funmatch_keras")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["funmatch_keras"] = package
+from funmatch_keras import cli
+for argv in {argvs!r}:
+    try:
+        cli.main(argv)
+    except SystemExit as exit:
+        assert exit.code == 0, (argv, exit.code)
+print(sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r})))
+"""
+
+
+def _heavy_imports(stub: bool) -> str:
+    script = _SCRIPT.format(stub=stub, argvs=HELP_ARGVS, heavy=HEAVY)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("usage: funmatch") == len(HELP_ARGVS)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_cli_module_imports_nothing_heavy_for_help():
+    assert _heavy_imports(stub=True) == "[]"
+
+
+def test_funmatch_help_does_not_import_tensorflow():
+    assert _heavy_imports(stub=False) == "[]"
