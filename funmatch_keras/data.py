@@ -94,7 +94,9 @@ def train_pipeline(
     Batches are formed across epoch boundaries with the remainder dropped, so the
     pipeline yields `epochs * num_examples // batch_size` batches (forever if
     `epochs` is None). Corrupt images are skipped and counted (logged once per
-    epoch); a source whose every image is corrupt raises an error.
+    epoch); the place of each is taken by a copy of the next good example, so
+    batch k holds the same examples whether or not the run was resumed. A
+    source whose every image is corrupt raises an error.
 
     Across workers, give each worker its own input pipeline with
     `strategy.distribute_datasets_from_function(lambda ctx: train_pipeline(...,
@@ -183,7 +185,8 @@ def train_pipeline(
     offset = start_step * local_batch
     ds = _example_stream(shard, seed, epochs, shuffle_buffer, offset)
     ds = _try_map(ds, make_views, deterministic)
-    ds = _skip_corrupt(ds, shard, first_epoch_done=offset % shard.num_examples)
+    ds = _skip_corrupt(ds, shard, first_epoch_done=offset % shard.num_examples,
+                       keep_positions=True)
     ds = ds.batch(local_batch, drop_remainder=True, num_parallel_calls=AUTOTUNE,
                   deterministic=deterministic)
     if mode == "function_matching":
@@ -460,12 +463,18 @@ def _try_map(ds: tf.data.Dataset, fn: Callable, deterministic: bool) -> tf.data.
 
 
 def _skip_corrupt(
-    ds: tf.data.Dataset, source: Source, first_epoch_done: int = 0
+    ds: tf.data.Dataset, source: Source, first_epoch_done: int = 0,
+    keep_positions: bool = False,
 ) -> tf.data.Dataset:
     """Drops failed elements of `_try_map`, logging their number once per epoch.
 
     An epoch ends after `num_examples` elements (`first_epoch_done` of the first
     epoch were skipped when resuming). An epoch where every image failed raises.
+
+    With `keep_positions`, each skipped example's place is taken by a copy of
+    the next good one, so the k-th element out is always the k-th in: a run
+    resumed at step s (which skips `s * batch_size` still-encoded examples)
+    continues exactly where the killed run was, however many images are corrupt.
     """
     n, name = source.num_examples, source.name
 
@@ -476,7 +485,8 @@ def _skip_corrupt(
 
     def count(state, element):
         position, seen = state["position"] + 1, state["seen"] + 1
-        bad = state["bad"] + tf.cast(tf.logical_not(element["ok"]), tf.int64)
+        ok = element["ok"]
+        bad = state["bad"] + tf.cast(tf.logical_not(ok), tf.int64)
         epoch_end = tf.equal(position, n)
         all_bad = tf.debugging.Assert(
             tf.logical_not(tf.logical_and(epoch_end, tf.equal(bad, seen))),
@@ -487,20 +497,23 @@ def _skip_corrupt(
                          lambda: tf.constant(0, tf.int64))
         with tf.control_dependencies([all_bad, logged]):
             zero = tf.constant(0, tf.int64)
+            # A good element fills its own place and those of the failed ones
+            # before it ("pending"); a failed one fills none.
+            copies = tf.where(ok, state["pending"] + 1, zero)
             state = {"position": tf.where(epoch_end, zero, position),
                      "seen": tf.where(epoch_end, zero, seen),
-                     "bad": tf.where(epoch_end, zero, bad)}
-        return state, element
+                     "bad": tf.where(epoch_end, zero, bad),
+                     "pending": tf.where(ok, zero, state["pending"] + 1)}
+        return state, (element["value"], copies)
 
     start = {"position": tf.constant(first_epoch_done, tf.int64),
-             "seen": tf.constant(0, tf.int64), "bad": tf.constant(0, tf.int64)}
-    def is_ok(element):
-        return element["ok"]
-
-    def value(element):
-        return element["value"]
-
-    return ds.scan(start, count).filter(is_ok).map(value)
+             "seen": tf.constant(0, tf.int64), "bad": tf.constant(0, tf.int64),
+             "pending": tf.constant(0, tf.int64)}
+    ds = ds.scan(start, count)
+    if keep_positions:
+        return ds.flat_map(
+            lambda value, copies: tf.data.Dataset.from_tensors(value).repeat(copies))
+    return ds.filter(lambda value, copies: copies > 0).map(lambda value, copies: value)
 
 
 def _options(deterministic: bool, sharded: bool = False) -> tf.data.Options:

@@ -144,6 +144,26 @@ def test_tfrecords_load_and_corrupt_jpeg_is_counted(tmp_path, caplog):
         tf.data.experimental.AutoShardPolicy.DATA)  # global batches; per-worker: OFF
 
 
+def test_resume_is_exact_with_corrupt_images(tmp_path):
+    """A corrupt record's place is filled by the next good example, so step k has
+    the same batch whether the pipeline starts at 0 or at k, in any epoch."""
+    n, corrupt = 9, {2, 3, 7}
+    images = _constant_images(10 * np.arange(n), h=12, w=14)
+    src = data.tfrecord_source(_write_tfrecords(
+        str(tmp_path), images, np.arange(n) % 3, corrupt=corrupt, shards=1))
+    kw = dict(mode="consistent", batch_size=3, student_size=8, seed=5,
+              area_range=(1.0, 1.0), flip=False)
+    run = _take(data.train_pipeline(src, **kw), 9)  # 3 epochs of 9 records
+    ids = [_written_ids(b) for b in run]
+    for epoch in range(3):
+        epoch_ids = sum(ids[3 * epoch:3 * epoch + 3], [])
+        assert set(epoch_ids) <= set(range(n)) - corrupt  # never a corrupt one
+        assert len(epoch_ids) == n  # places kept: 3 copies fill the 3 holes
+    for step in (1, 2, 4, 8):
+        (resumed,) = _take(data.train_pipeline(src, start_step=step, **kw), 1)
+        np.testing.assert_array_equal(resumed, run[step], err_msg=f"step {step}")
+
+
 def test_image_folder_png_gray_rgba_and_corrupt(image_folder, caplog):
     src = data.folder_source(image_folder)
     assert (src.num_examples, src.num_classes) == (6, 2)  # notes.txt ignored.
