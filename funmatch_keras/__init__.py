@@ -9,13 +9,49 @@ Example:
 ['consistent', 'fixed_teacher', 'function_matching', 'independent']
 """
 
-from funmatch_keras import (augment, configs, data, distribute, export, losses, models, optim,
-                            sources, train)
-from funmatch_keras.distiller import Distiller
-from funmatch_keras.losses import DistillationKL
+# Submodules and the two re-exported classes load on first attribute access
+# (PEP 562), not at `import funmatch_keras`: `data`, `augment`, `sources` and
+# `export` import TensorFlow, while `models`, `distiller`, `losses` and `optim`
+# need only Keras. Lazy loading lets those run on the JAX backend on a machine
+# without TensorFlow (benchmarks/gpu_check.py).
+
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0"
 
 __all__ = ["Distiller", "DistillationKL", "augment", "configs", "data", "distribute", "export",
            "losses",
            "models", "optim", "sources", "train"]
+
+# Public submodules, plus the ones the eager imports used to load as a side effect
+# (`fm.distiller`, `fm.checkpoint`, `fm.loop` kept working; they still do).
+_SUBMODULES = frozenset([
+    "augment", "checkpoint", "configs", "data", "distiller", "distribute", "export",
+    "loop", "losses", "models", "optim", "sources", "train",
+])
+# Re-exported name -> the submodule that defines it.
+_ATTRIBUTES = {"Distiller": "distiller", "DistillationKL": "losses"}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name in _SUBMODULES:
+        # import_module also sets the attribute on this package, so this runs once.
+        return _importlib.import_module(f"{__name__}.{name}")
+    if name in _ATTRIBUTES:
+        module = _importlib.import_module(f"{__name__}.{_ATTRIBUTES[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
+
+
+if _typing.TYPE_CHECKING:  # Static analyzers and IDEs see the eager imports.
+    from funmatch_keras import (augment, configs, data, distribute, export, losses,
+                                models, optim, sources, train)
+    from funmatch_keras.distiller import Distiller
+    from funmatch_keras.losses import DistillationKL
