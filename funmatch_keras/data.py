@@ -509,11 +509,19 @@ def _skip_corrupt(
     start = {"position": tf.constant(first_epoch_done, tf.int64),
              "seen": tf.constant(0, tf.int64), "bad": tf.constant(0, tf.int64),
              "pending": tf.constant(0, tf.int64)}
+    def fill(value, copies):
+        return tf.data.Dataset.from_tensors(value).repeat(copies)
+
+    def is_ok(value, copies):
+        return copies > 0
+
+    def drop_copies(value, copies):
+        return value
+
     ds = ds.scan(start, count)
     if keep_positions:
-        return ds.flat_map(
-            lambda value, copies: tf.data.Dataset.from_tensors(value).repeat(copies))
-    return ds.filter(lambda value, copies: copies > 0).map(lambda value, copies: value)
+        return ds.flat_map(fill)
+    return ds.filter(is_ok).map(drop_copies)
 
 
 def _options(deterministic: bool, sharded: bool = False) -> tf.data.Options:
