@@ -4,10 +4,21 @@ Every artifact is written to a temporary path and renamed into place, so a faile
 export never leaves a partial file. `export_all` checks each artifact with
 `funmatch_keras.verify.verify`, which runs it the way it will be deployed.
 
-Example:
->>> report = export_all(student, "export", ["saved_model", "tflite_int8"],
+Example (a tiny untrained student; any `keras.Model` of images works):
+>>> from funmatch_keras.models import small_cnn
+>>> student = small_cnn([8, 16], num_classes=5, image_size=32)
+>>> rng = np.random.default_rng(0)
+>>> val_images, train_images = rng.uniform(-1, 1, (2, 8, 32, 32, 3)).astype("float32")
+>>> out = tempfile.mkdtemp()
+>>> report = export_all(student, out, ["saved_model", "tflite_int8"],
 ...                     eval_images=val_images, representative_data=train_images)
+>>> sorted(os.listdir(out))
+['export_report.json', 'saved_model', 'student_int8.tflite']
 >>> print(format_report(report))
+format              size  agreement  max|dlogit|  latency ms  path
+saved_model ... 100.00% ...
+tflite_int8 ...
+(8 eval images at 32 px; latency per image on this CPU)
 """
 
 from __future__ import annotations
@@ -63,7 +74,14 @@ def to_keras(
         The `Path` written.
 
     Example:
-    >>> to_keras(student, "export/student.keras")
+    >>> from funmatch_keras.models import small_cnn
+    >>> student = small_cnn([8], num_classes=3, image_size=16)
+    >>> path = to_keras(student, os.path.join(tempfile.mkdtemp(), "student.keras"))
+    >>> path.name, load_keras_model(path).output_shape
+    ('student.keras', (None, 3))
+    >>> to_keras(student, path)
+    Traceback (most recent call last):
+    FileExistsError: ...student.keras already exists; pass --overwrite ...
     """
     path = Path(path)
     if path.suffix != ".keras":
@@ -98,9 +116,15 @@ def to_saved_model(
         The `Path` written.
 
     Example:
-    >>> to_saved_model(student, "export/saved_model")
-    >>> sm = tf.saved_model.load("export/saved_model")
-    >>> sm.signatures["serve_images"](images=tf.zeros([1, 300, 200, 3], tf.uint8))
+    >>> from funmatch_keras.models import small_cnn
+    >>> student = small_cnn([8], num_classes=3, image_size=16)
+    >>> path = to_saved_model(student, os.path.join(tempfile.mkdtemp(), "saved_model"))
+    >>> sm = tf.saved_model.load(str(path))
+    >>> sorted(sm.signatures)
+    ['serve_images', 'serving_default']
+    >>> out = sm.signatures["serve_images"](images=tf.zeros([1, 300, 200, 3], tf.uint8))
+    >>> {name: tuple(value.shape) for name, value in sorted(out.items())}
+    {'logits': (1, 3), 'probabilities': (1, 3)}
     """
     size = _image_size(model, image_size)
 
@@ -168,8 +192,17 @@ def to_tflite(
         ExportError: the converter failed; the message names the blocking ops.
 
     Example:
-    >>> to_tflite("export/saved_model", "export/student_int8.tflite", "int8",
-    ...           representative_data=train_images)
+    >>> from funmatch_keras.models import small_cnn
+    >>> student = small_cnn([8], num_classes=3, image_size=16)
+    >>> out = tempfile.mkdtemp()
+    >>> saved_model = to_saved_model(student, os.path.join(out, "saved_model"))
+    >>> train_images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3))
+    >>> path = to_tflite(saved_model, os.path.join(out, "student_int8.tflite"), "int8",
+    ...                  representative_data=train_images)
+    >>> from ai_edge_litert.interpreter import Interpreter
+    >>> runner = Interpreter(model_path=str(path)).get_signature_runner()
+    >>> runner.get_input_details()["images"]["dtype"].__name__
+    'int8'
     """
     if mode not in TFLITE_MODES:
         raise ValueError(
@@ -270,8 +303,18 @@ def export_all(
         "median_latency_ms"}}}`, also written to `<out_dir>/export_report.json`.
 
     Example:
-    >>> report = export_all(student, "export", ["keras", "tflite_fp16"],
+    >>> from funmatch_keras.models import small_cnn
+    >>> student = small_cnn([8], num_classes=3, image_size=16)
+    >>> val_images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3))
+    >>> out = tempfile.mkdtemp()
+    >>> report = export_all(student, out, ["keras", "tflite_fp16"],
     ...                     eval_images=val_images)
+    >>> sorted(os.listdir(out))
+    ['export_report.json', 'student.keras', 'student_fp16.tflite']
+    >>> report["num_eval_images"], report["artifacts"]["keras"]["agreement"]
+    (8, 1.0)
+    >>> report["artifacts"]["tflite_fp16"]["max_abs_logit_diff"] < 0.01
+    True
     """
     unknown = [f for f in formats if f not in FORMATS]
     # Canonical order: the SavedModel (if asked for) is written before the
@@ -328,9 +371,14 @@ def format_report(report: dict[str, Any]) -> str:
     """Renders an `export_all` report as a plain-text table.
 
     Example:
+    >>> report = {"image_size": 128, "num_eval_images": 500, "artifacts": {
+    ...     "tflite_int8": {"path": "student_int8.tflite", "size_bytes": 25700,
+    ...                     "agreement": 0.995, "max_abs_logit_diff": 0.31,
+    ...                     "median_latency_ms": 0.05}}}
     >>> print(format_report(report))
-    format          size  agreement  max|dlogit|  latency ms  path
-    tflite_int8   25.1KB    99.50%    3.1e-01        0.05    export/student_int8.tflite
+    format              size  agreement  max|dlogit|  latency ms  path
+    tflite_int8       25.1KB     99.50%      3.1e-01       0.050  student_int8.tflite
+    (500 eval images at 128 px; latency per image on this CPU)
     """
     lines = [
         f"{'format':<15}{'size':>9}{'agreement':>11}{'max|dlogit|':>13}"
@@ -379,8 +427,17 @@ def run_export(
     Returns:
         The report of `export_all`.
 
-    Example:
-    >>> run_export("runs/pets", ["saved_model", "tflite_fp16"], eval_images=val)
+    Example (a workdir with only `student.keras`, so the parity check uses
+    random images):
+    >>> from funmatch_keras.models import small_cnn
+    >>> workdir = tempfile.mkdtemp()
+    >>> _ = to_keras(small_cnn([8], num_classes=3, image_size=16),
+    ...              os.path.join(workdir, "student.keras"))
+    >>> report = run_export(workdir, ["saved_model", "tflite_fp32"])
+    >>> report["eval_data"], report["num_eval_images"], sorted(report["artifacts"])
+    ('synthetic', 64, ['saved_model', 'tflite_fp32'])
+    >>> sorted(os.listdir(os.path.join(workdir, "export")))
+    ['export_report.json', 'saved_model', 'student_fp32.tflite']
     """
     workdir = Path(workdir)
     student_path = workdir / "student.keras"

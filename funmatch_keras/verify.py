@@ -5,9 +5,19 @@ ai-edge-litert), runs it one image per call and reports top-1 agreement, the
 largest logit difference and the latency against the Keras model it came from.
 `funmatch_keras.export` writes the artifacts and calls `verify` on each.
 
-Example:
->>> result = verify("export/student_int8.tflite", student, val_images)
->>> result["agreement"], result["median_latency_ms"]
+Example (a tiny untrained student, converted to float32 TFLite):
+>>> import tempfile
+>>> from funmatch_keras.export import to_tflite
+>>> from funmatch_keras.models import small_cnn
+>>> student = small_cnn([8, 16], num_classes=5, image_size=32)
+>>> val_images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3))
+>>> path = os.path.join(tempfile.mkdtemp(), "student.tflite")
+>>> path = to_tflite(student, path, "fp32")
+>>> result = verify(path, student, val_images)
+>>> result["kind"], result["num_images"], result["agreement"]
+('tflite', 8, 1.0)
+>>> result["max_abs_logit_diff"] < 1e-4, result["median_latency_ms"] > 0
+(True, True)
 """
 
 from __future__ import annotations
@@ -51,8 +61,18 @@ def verify(
         machine), `size_bytes`, `num_images` and `kind`.
 
     Example:
-    >>> verify("export/student_int8.tflite", student, val_images)["agreement"]
-    0.995
+    >>> import tempfile
+    >>> from funmatch_keras.export import to_saved_model
+    >>> from funmatch_keras.models import small_cnn
+    >>> student = small_cnn([8], num_classes=3, image_size=16)
+    >>> path = to_saved_model(student, os.path.join(tempfile.mkdtemp(), "saved_model"))
+    >>> images = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3))
+    >>> result = verify(path, student, images)
+    >>> sorted(result)
+    ['agreement', 'kind', 'max_abs_logit_diff', 'median_latency_ms', 'num_images',
+     'size_bytes']
+    >>> result["kind"], result["agreement"], result["max_abs_logit_diff"] < 1e-5
+    ('saved_model', 1.0, True)
     """
     path = Path(artifact_path)
     kind = kind or _infer_kind(path)
@@ -162,8 +182,14 @@ def _infer_kind(path: Path) -> str:
 def load_keras_model(path: str | Path) -> keras.Model:
     """Loads a `.keras` file with `safe_mode`, the package's layers registered.
 
-    Example:
-    >>> student = load_keras_model("runs/pets/student.keras")
+    Example (a model with the package's `StdConv2D` layer):
+    >>> import tempfile
+    >>> from funmatch_keras.models import StdConv2D
+    >>> model = keras.Sequential([keras.Input((8, 8, 3)), StdConv2D(4, 3)])
+    >>> path = os.path.join(tempfile.mkdtemp(), "student.keras")
+    >>> model.save(path)
+    >>> type(load_keras_model(path).layers[0]).__name__
+    'StdConv2D'
     """
     # Loading with safe_mode needs the package's serializable layers (StdConv2D,
     # ...) registered, which happens when their modules are imported.

@@ -194,9 +194,25 @@ def load_bit_npz(model: keras.Model, path: str | os.PathLike,
         ValueError: on pickled arrays, or missing / mis-shaped tensors (nothing
             is assigned then). Unused tensors only produce a warning.
 
-    Example:
-        >>> model = bit_r50x1(num_classes=37, image_size=128)
-        >>> load_bit_npz(model, "BiT-M-R50x1.npz")  # keeps a zero 37-class head
+    Example (a round trip through `save_bit_npz`):
+        >>> import tempfile
+        >>> from funmatch_keras.models import bit_r50x1
+        >>> model = bit_r50x1(num_classes=10)
+        >>> weights = model.get_weights()
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_bit_npz(model, os.path.join(tmp, "r50x1.npz"))
+        ...     model.set_weights([np.zeros_like(w) for w in weights])
+        ...     loaded = load_bit_npz(model, os.path.join(tmp, "r50x1.npz"))
+        >>> loaded is model
+        True
+        >>> all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))
+        True
+
+        With a downloaded checkpoint (1000 or 21843 classes), a 37-class model
+        keeps its zero head:
+
+        >>> model = bit_r50x1(num_classes=37, image_size=128)  # doctest: +SKIP
+        >>> load_bit_npz(model, "BiT-M-R50x1.npz")  # doctest: +SKIP
     """
     arrays = _read_npz(path)
     _load(model, arrays, "bit", head, os.fspath(path))
@@ -211,7 +227,13 @@ def save_bit_npz(model: keras.Model, path: str | os.PathLike) -> None:
         path: str or PathLike. Destination; NumPy appends `.npz` if missing.
 
     Example:
-        >>> save_bit_npz(bit_r50x1(10, image_size=64), "/tmp/r50x1.npz")
+        >>> import tempfile
+        >>> from funmatch_keras.models import bit_r50x1
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_bit_npz(bit_r50x1(10, image_size=64), os.path.join(tmp, "r50x1"))
+        ...     with np.load(os.path.join(tmp, "r50x1.npz")) as npz:
+        ...         print(len(npz.files), npz["resnet/head/conv2d/kernel"].shape)
+        153 (1, 1, 2048, 10)
     """
     arrays = {
         slot.bit: _to_file_layout(
@@ -245,9 +267,29 @@ def load_timm_bit(model: keras.Model, path: str | os.PathLike,
         FileNotFoundError: if `path` does not exist.
         ValueError: on pickled arrays, or missing / mis-shaped tensors.
 
-    Example:
-        >>> model = bit_r152x2(num_classes=1000, image_size=224)
-        >>> load_timm_bit(model, "resnetv2_152x2_bit/model.safetensors")
+    Example (a downloaded timm checkpoint):
+        >>> from funmatch_keras.models import bit_r152x2
+        >>> model = bit_r152x2(num_classes=1000, image_size=224)  # doctest: +SKIP
+        >>> path = "resnetv2_152x2_bit/model.safetensors"
+        >>> load_timm_bit(model, path)  # doctest: +SKIP
+
+        A runnable round trip: write `model`'s weights as a timm state dict
+        (timm names, OIHW kernels), zero the model, and load them back:
+
+        >>> import tempfile
+        >>> from funmatch_keras.models import bit_r50x1
+        >>> model = bit_r50x1(num_classes=10)
+        >>> weights = model.get_weights()
+        >>> state = {s.timm: _to_file_layout(keras.ops.convert_to_numpy(s.variable),
+        ...                                  s, "timm") for s in _name_map(model)}
+        >>> state["stem.conv.weight"].shape  # Keras holds it as (7, 7, 3, 64)
+        (64, 3, 7, 7)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     np.savez(os.path.join(tmp, "model.npz"), **state)
+        ...     model.set_weights([np.zeros_like(w) for w in weights])
+        ...     loaded = load_timm_bit(model, os.path.join(tmp, "model.npz"))
+        >>> all(np.array_equal(a, b) for a, b in zip(weights, loaded.get_weights()))
+        True
     """
     if os.fspath(path).endswith(".safetensors"):
         if not os.path.exists(path):
