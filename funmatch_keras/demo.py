@@ -89,7 +89,7 @@ def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
     distiller.compile(
         optimizer=optim.adamw(config.lr, config.weight_decay, total_steps,
                               min(config.warmup_steps, total_steps - 1)),
-        jit_compile=train._jit_compile(),
+        jit_compile=train._jit_compile(config.jit_compile),
     )
     distilled_curve = TestSetTracker(student, test_images, test_labels, teacher_predictions)
     distiller.fit(pipeline("function_matching"), steps_per_epoch=steps, epochs=config.epochs,
@@ -101,7 +101,7 @@ def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
     baseline_curve = TestSetTracker(baseline, test_images, test_labels, teacher_predictions)
     train.fit_with_labels(baseline, pipeline("consistent", with_labels=True), steps,
                           config.epochs, config.lr, config.weight_decay, [baseline_curve],
-                          verbose)
+                          verbose, jit_compile=config.jit_compile)
 
     rows = {
         "teacher": _scores(teacher, test_images, test_labels, teacher_predictions),

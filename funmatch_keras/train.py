@@ -171,7 +171,7 @@ def _trained_teacher(teacher, config, path, train_source, size, verbose, num_rep
         with_labels=True,
         num_replicas=num_replicas)
     fit_with_labels(teacher, ds, steps, config.teacher_epochs, config.lr, config.weight_decay,
-                    verbose=verbose)
+                    verbose=verbose, jit_compile=config.jit_compile)
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     teacher.save(tmp)
     os.replace(tmp, path)
@@ -179,24 +179,29 @@ def _trained_teacher(teacher, config, path, train_source, size, verbose, num_rep
 
 
 def fit_with_labels(model: keras.Model, train_ds, steps_per_epoch: int, epochs: int, lr: float,
-                    weight_decay: float, callbacks=(), verbose: int = 1) -> keras.Model:
+                    weight_decay: float, callbacks=(), verbose: int = 1,
+                    jit_compile: bool | None = None) -> keras.Model:
     """Cross-entropy training with the paper's optimizer and schedule (1 epoch warmup)."""
     total = steps_per_epoch * epochs
     model.compile(
         optimizer=optim.adamw(lr, weight_decay, total, min(steps_per_epoch, total - 1)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=_jit_compile(),
+        jit_compile=_jit_compile(jit_compile),
     )
     model.fit(train_ds, steps_per_epoch=steps_per_epoch, epochs=epochs,
               callbacks=list(callbacks), verbose=verbose)
     return model
 
 
-def _jit_compile() -> bool:
-    # XLA measured faster for these convnets on CPU (README benchmarks); the
-    # default "auto" resolves to False on CPU (DESIGN §5). Not under a
-    # tf.distribute strategy (TPUStrategy compiles anyway): the step then holds
-    # cross-replica gradient aggregation, and XLA there is unmeasured.
+def _jit_compile(setting: bool | None = None) -> bool:
+    """`setting` if given, else XLA on one device (TensorFlow) and on JAX."""
+    if setting is not None:
+        return setting
+    # XLA measured faster for these convnets on CPU at the paper's 128 px and
+    # slower for BiT at 64 px (README benchmarks); Keras's "auto" resolves to
+    # False on CPU (DESIGN §5). Not under a tf.distribute strategy (TPUStrategy
+    # compiles anyway): the step then holds cross-replica gradient
+    # aggregation, and XLA there is unmeasured.
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -307,7 +312,7 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
                             min(config.warmup_steps, total_steps - 1))
     distiller = Distiller(teachers if len(teachers) > 1 else teachers[0], student,
                           temperature=config.temperature)
-    distiller.compile(optimizer=optimizer, jit_compile=_jit_compile())
+    distiller.compile(optimizer=optimizer, jit_compile=_jit_compile(config.jit_compile))
 
     manager = CheckpointManager(checkpoint_dir, keep=config.keep_checkpoints,
                                 clean_temp=replicas.is_chief)

@@ -42,6 +42,25 @@ def test_distill_writes_student_logs_and_an_honest_report(tmp_path):
     assert logs["student_top1"] == pytest.approx(top1, abs=1e-6)
 
 
+@pytest.mark.parametrize("setting,expected", [("None", True), ("False", False), ("True", True)])
+def test_jit_compile_follows_the_config(tmp_path, monkeypatch, setting, expected):
+    compiled = []
+    original = keras.Model.compile
+
+    def spy(self, *args, **kwargs):
+        compiled.append((type(self).__name__, kwargs.get("jit_compile")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "compile", spy)
+    config = configs.apply_overrides(smoke_config(epochs=1, steps_per_epoch=1),
+                                     {"jit_compile": setting})
+    train.run(config, str(tmp_path / "run"), verbose=0)
+    # The teacher is trained with labels first, then the Distiller; None means
+    # XLA on a single device.
+    assert [name for name, _ in compiled][-1] == "Distiller" and len(compiled) >= 2
+    assert {jit for _, jit in compiled} == {expected}, compiled
+
+
 def test_workdir_of_another_config_is_refused(tmp_path):
     workdir = str(tmp_path)
     train.prepare_workdir(workdir, smoke_config(), overwrite=False)

@@ -91,6 +91,13 @@ FIELDS: dict[str, Field] = {
     "deterministic": Field(
         False, (bool,), "TensorFlow op determinism: a resumed run ends bit-identical."
     ),
+    "jit_compile": Field(
+        None,
+        (bool, NoneType),
+        "XLA-compile the train step. None: on for one device or JAX, off under a "
+        "tf.distribute strategy. Whether XLA helps depends on the models and image "
+        "size (README Benchmarks): measure with benchmarks/step.py.",
+    ),
     # -- checkpoints and evaluation --
     "checkpoint_every_steps": Field(1000, (int,), "Save a checkpoint every N steps."),
     "keep_checkpoints": Field(3, (int,), "Number of most recent checkpoints kept."),
