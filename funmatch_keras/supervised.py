@@ -18,7 +18,6 @@ import keras
 import ml_collections
 
 from funmatch_keras import configs, data, loop, models, sources
-from funmatch_keras.checkpoint import CheckpointCallback, CheckpointManager
 
 BIT_BASE_LR = 0.003  # per 512 examples
 BIT_MOMENTUM = 0.9
@@ -110,14 +109,6 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
     teacher.compile(optimizer=bit_hyperrule_optimizer(config.batch_size, total_steps),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     metrics=["accuracy"])
-    manager = CheckpointManager(os.path.join(workdir, "teacher_checkpoints"),
-                                keep=config.keep_checkpoints)
-    start = 0
-    if manager.latest() is not None:
-        start = int(manager.restore(teacher, teacher.optimizer)["step"])
-        print(f"Resuming teacher training from step {start}.", flush=True)
-    checkpoints = CheckpointCallback(manager, config.checkpoint_every_steps, teacher)
-
     def make_dataset(step):
         return data.train_pipeline(
             source, mode="consistent", batch_size=config.batch_size, student_size=size,
@@ -127,12 +118,11 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
 
     val = data.eval_pipeline(sources.source_for(config.dataset, "validation", config.data_dir),
                              size=size, batch_size=config.eval_batch_size)
-    loop.fit_resumably(teacher, make_dataset, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                       start_step=start, callbacks=[checkpoints], validation_data=val,
-                       validation_freq=max(1, epochs // 5), verbose=verbose,
-                       should_stop=lambda: bool(checkpoints.stopped_reason))
-    if checkpoints.stopped_reason:
-        raise train.TrainingError(f"Teacher training stopped: {checkpoints.stopped_reason}.")
+    loop.fit_with_checkpoints(
+        teacher, make_dataset, checkpoint_dir=os.path.join(workdir, "teacher_checkpoints"),
+        every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
+        steps_per_epoch=steps_per_epoch, epochs=epochs, name="teacher training",
+        validation_data=val, validation_freq=max(1, epochs // 5), verbose=verbose)
     path = os.path.join(workdir, "teacher.keras")
     tmp = os.path.join(workdir, f".teacher-{os.getpid()}.keras")
     teacher.save(tmp)

@@ -31,18 +31,14 @@ import numpy as np
 from absl import logging
 
 from funmatch_keras import configs, data, distribute, loop, models, optim, sources
-from funmatch_keras.checkpoint import CheckpointCallback, CheckpointManager
 from funmatch_keras.distiller import Distiller
+from funmatch_keras.loop import TrainingError  # noqa: F401  (re-exported)
 
 
 # A teacher trained here with labels sees milder crops than the student: labels
 # no longer describe a crop of a few percent of the image (unlike the teacher's
 # soft outputs, which the student matches on any crop).
 TEACHER_CROP_AREA_MIN = 0.5
-
-
-class TrainingError(RuntimeError):
-    """Training stopped early (e.g. a NaN loss); checkpoints are intact."""
 
 
 # --------------------------------------------------------------------- workdir
@@ -164,30 +160,46 @@ def _trained_teacher(teacher, config, path, train_source, size, verbose, num_rep
     logging.info("Training the teacher %s with labels for %d epochs.", config.teacher,
                  config.teacher_epochs)
     steps = data.steps_per_epoch(train_source, config.batch_size)
-    ds = data.train_pipeline(
-        train_source, mode="consistent", batch_size=config.batch_size, student_size=size,
-        seed=config.seed + 1, shuffle_buffer=min(train_source.num_examples, 50_000),
-        area_range=(max(config.crop_area_min, TEACHER_CROP_AREA_MIN), 1.0), flip=config.flip,
-        with_labels=True,
-        num_replicas=num_replicas)
-    fit_with_labels(teacher, ds, steps, config.teacher_epochs, config.lr, config.weight_decay,
-                    verbose=verbose, jit_compile=config.jit_compile)
+    compile_with_labels(teacher, steps, config.teacher_epochs, config.lr, config.weight_decay,
+                        jit_compile=config.jit_compile)
+
+    def make_dataset(step):
+        return data.train_pipeline(
+            train_source, mode="consistent", batch_size=config.batch_size, student_size=size,
+            seed=config.seed + 1, shuffle_buffer=min(train_source.num_examples, 50_000),
+            area_range=(max(config.crop_area_min, TEACHER_CROP_AREA_MIN), 1.0),
+            flip=config.flip, with_labels=True, start_step=step, num_replicas=num_replicas)
+
+    loop.fit_with_checkpoints(
+        teacher, make_dataset, checkpoint_dir=os.path.join(os.path.dirname(path),
+                                                           "teacher_checkpoints"),
+        every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
+        steps_per_epoch=steps, epochs=config.teacher_epochs, name="teacher training",
+        verbose=verbose)
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     teacher.save(tmp)
     os.replace(tmp, path)
     return teacher
 
 
-def fit_with_labels(model: keras.Model, train_ds, steps_per_epoch: int, epochs: int, lr: float,
-                    weight_decay: float, callbacks=(), verbose: int = 1,
-                    jit_compile: bool | None = None) -> keras.Model:
-    """Cross-entropy training with the paper's optimizer and schedule (1 epoch warmup)."""
+def compile_with_labels(model: keras.Model, steps_per_epoch: int, epochs: int, lr: float,
+                        weight_decay: float, jit_compile: bool | None = None) -> keras.Model:
+    """Compiles for cross-entropy training with the paper's optimizer and schedule
+    (one epoch of warmup)."""
     total = steps_per_epoch * epochs
     model.compile(
         optimizer=optim.adamw(lr, weight_decay, total, min(steps_per_epoch, total - 1)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=_jit_compile(jit_compile),
     )
+    return model
+
+
+def fit_with_labels(model: keras.Model, train_ds, steps_per_epoch: int, epochs: int, lr: float,
+                    weight_decay: float, callbacks=(), verbose: int = 1,
+                    jit_compile: bool | None = None) -> keras.Model:
+    """Cross-entropy training with the paper's optimizer and schedule (1 epoch warmup)."""
+    compile_with_labels(model, steps_per_epoch, epochs, lr, weight_decay, jit_compile)
     model.fit(train_ds, steps_per_epoch=steps_per_epoch, epochs=epochs,
               callbacks=list(callbacks), verbose=verbose)
     return model
@@ -314,24 +326,11 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
                           temperature=config.temperature)
     distiller.compile(optimizer=optimizer, jit_compile=_jit_compile(config.jit_compile))
 
-    manager = CheckpointManager(checkpoint_dir, keep=config.keep_checkpoints,
-                                clean_temp=replicas.is_chief)
-    step = 0
-    if manager.latest() is not None:
-        state = manager.restore(student, optimizer)
-        step = int(state["step"])
-        # Always said, whatever the verbosity: a resumed run must be visible in the log.
-        print(f"Resuming from step {step} of {total_steps} ({manager.latest()[1]}).",
-              flush=True)
-
     teacher_size = teacher_input_size(config)
     val_ds = data.eval_pipeline(val_source, size=config.student_size,
                                 batch_size=config.eval_batch_size, teacher_size=teacher_size)
-    checkpoints = CheckpointCallback(manager, config.checkpoint_every_steps, student,
-                                     is_chief=replicas.is_chief)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     callbacks = [
-        checkpoints,
         MetricsLogger(metrics_path, steps_per_epoch),
         keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False),
     ]
@@ -355,13 +354,13 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
 
         return replicas.train_dataset(pipeline)
 
-    loop.fit_resumably(
-        distiller, make_dataset, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-        start_step=step, callbacks=callbacks, validation_data=val_ds,
-        validation_freq=configs.eval_every_epochs(config), verbose=verbose,
-        should_stop=lambda: bool(checkpoints.stopped_reason))
-    if checkpoints.stopped_reason:
-        raise TrainingError(f"Training stopped: {checkpoints.stopped_reason}.")
+    loop.fit_with_checkpoints(
+        distiller, make_dataset, checkpoint_dir=checkpoint_dir,
+        every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
+        steps_per_epoch=steps_per_epoch, epochs=config.epochs, name="distillation",
+        saved=student, is_chief=replicas.is_chief, callbacks=callbacks,
+        validation_data=val_ds, validation_freq=configs.eval_every_epochs(config),
+        verbose=verbose)
 
     student_path = os.path.join(workdir, "student.keras")
     tmp = os.path.join(workdir, f".student-{os.getpid()}.keras")

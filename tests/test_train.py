@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from funmatch_keras import cli, configs, data, sources, train
+from funmatch_keras.checkpoint import CheckpointManager
 
 
 def smoke_config(**overrides):
@@ -61,6 +62,40 @@ def test_jit_compile_follows_the_config(tmp_path, monkeypatch, setting, expected
     assert {jit for _, jit in compiled} == {expected}, compiled
 
 
+class _Killed(Exception):
+    """Stands in for a kill right after a checkpoint was written."""
+
+
+@pytest.mark.slow
+def test_teacher_training_inside_distill_resumes_after_a_kill(tmp_path, monkeypatch, capsys):
+    from funmatch_keras.checkpoint import CheckpointCallback
+
+    config = smoke_config(epochs=1, steps_per_epoch=1, checkpoint_every_steps=2,
+                          deterministic=True)
+    teacher_steps = sources.digits_source("train").num_examples // config.batch_size
+    original_save = CheckpointCallback._save
+
+    def save_then_die(self, epoch):
+        original_save(self, epoch)
+        if self.last_saved_step == 4:
+            raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CheckpointCallback, "_save", save_then_die)
+        with pytest.raises(_Killed):
+            train.run(config, str(tmp_path / "killed"), verbose=0)
+    assert not os.path.exists(tmp_path / "killed" / "teacher.keras")
+    capsys.readouterr()
+    train.run(config, str(tmp_path / "killed"), verbose=0)
+    assert (f"Resuming teacher training from step 4 of {teacher_steps}"
+            in capsys.readouterr().out)
+    train.run(config, str(tmp_path / "whole"), verbose=0)
+    resumed, whole = (keras.saving.load_model(str(tmp_path / run / "teacher.keras"))
+                      for run in ("killed", "whole"))
+    for a, b in zip(resumed.get_weights(), whole.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_workdir_of_another_config_is_refused(tmp_path):
     workdir = str(tmp_path)
     train.prepare_workdir(workdir, smoke_config(), overwrite=False)
@@ -96,7 +131,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     os.remove(os.path.join(workdir, "student.keras"))
     with pytest.raises(train.TrainingError, match="NaN.*last good checkpoint is step"):
         train.run(config, workdir, overwrite=True, verbose=0)
-    manager = train.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    manager = CheckpointManager(os.path.join(workdir, "checkpoints"))
     assert manager.latest() is not None
     with h5py.File(os.path.join(manager.latest()[1], "student.weights.h5")) as f:
         arrays = []
@@ -140,7 +175,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_uninterrupted(tmp_path
     assert done and done[-1] < 40
 
     out, _ = _distill(killed).communicate(timeout=300)
-    assert f"Resuming from step {done[-1]} of 40" in out
+    assert f"Resuming distillation from step {done[-1]} of 40" in out
     out_clean, _ = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, out_clean[-3000:]
     for a, b in zip(_student_weights(killed), _student_weights(clean)):
