@@ -21,14 +21,13 @@ import typing as _typing
 __version__ = "0.1.0"
 
 __all__ = ["Distiller", "DistillationKL", "augment", "configs", "data", "distribute", "export",
-           "losses",
-           "models", "optim", "sources", "train"]
+           "losses", "models", "optim", "sources", "train", "verify"]
 
 # Public submodules, plus the ones the eager imports used to load as a side effect
 # (`fm.distiller`, `fm.checkpoint`, `fm.loop` kept working; they still do).
 _SUBMODULES = frozenset([
     "augment", "checkpoint", "configs", "data", "distiller", "distribute", "export",
-    "loop", "losses", "models", "optim", "sources", "train",
+    "loop", "losses", "models", "optim", "sources", "train", "verify",
 ])
 # Re-exported name -> the submodule that defines it.
 _ATTRIBUTES = {"Distiller": "distiller", "DistillationKL": "losses"}
@@ -52,6 +51,6 @@ def __dir__() -> list[str]:
 
 if _typing.TYPE_CHECKING:  # Static analyzers and IDEs see the eager imports.
     from funmatch_keras import (augment, configs, data, distribute, export, losses,
-                                models, optim, sources, train)
+                                models, optim, sources, train, verify)
     from funmatch_keras.distiller import Distiller
     from funmatch_keras.losses import DistillationKL
