@@ -86,7 +86,8 @@ class Source:
         num_classes = self.num_classes
 
         def check_label(example):
-            label, index = example["label"], example["index"]
+            label = tf.cast(example["label"], tf.int32)
+            index = tf.cast(example["index"], tf.int64)
             in_range = tf.logical_and(label >= 0, label < num_classes)
             check = tf.debugging.Assert(
                 in_range,
@@ -95,7 +96,7 @@ class Source:
             )
             with tf.control_dependencies([check]):
                 label = tf.identity(label)
-            return {**example, "label": label}
+            return {"image": example["image"], "label": label, "index": index}
 
         return self._indexed().map(check_label)
 
@@ -128,8 +129,8 @@ class Source:
                 self.name, self.num_files, num_shards)
 
         def make_dataset():
-            return self._indexed().filter(
-                lambda ex: tf.equal(ex["index"] % num_shards, shard_index))
+            return self._indexed().filter(lambda ex: tf.equal(
+                tf.cast(ex["index"], tf.int64) % num_shards, shard_index))
 
         return Source(
             name=f"{self.name}[{shard_index}::{num_shards}]",
@@ -140,13 +141,11 @@ class Source:
         )
 
     def _indexed(self) -> tf.data.Dataset:
-        """`make_dataset()` with labels int32 and an int64 `"index"`."""
+        """`make_dataset()` with an `"index"` (the position, unless it has one)."""
         ds = self.make_dataset()
         if "index" not in ds.element_spec:
             ds = ds.enumerate().map(lambda index, ex: {**ex, "index": index})
-        return ds.map(lambda ex: {"image": ex["image"],
-                                  "label": tf.cast(ex["label"], tf.int32),
-                                  "index": tf.cast(ex["index"], tf.int64)})
+        return ds
 
 
 def split_names(preset: str) -> dict[str, str]:
