@@ -49,7 +49,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from funmatch_keras import configs, data, losses, optim, train  # noqa: E402
+from funmatch_keras import (build, configs, data, distribute, losses, optim,  # noqa: E402
+                           supervised, teacher_cache)
 from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.sources import digits_source  # noqa: E402
 
@@ -95,13 +96,14 @@ def run_cell(mode: str, epochs: int, config, teacher, train_source, workdir: str
     steps = data.steps_per_epoch(train_source, config.batch_size)
     total = steps * epochs
     keras.utils.set_random_seed(config.seed + 1)  # the same student init in every cell
-    student = train.build_student(config, train_source.num_classes)
+    student = build.student(config, train_source.num_classes)
     ds = data.train_pipeline(
         train_source, mode=mode, batch_size=config.batch_size,
         student_size=config.student_size, seed=config.seed,
         shuffle_buffer=train_source.num_examples, area_range=(config.crop_area_min, 1.0),
-        flip=config.flip, teacher=teacher if mode == "fixed_teacher" else None,
-        workdir=workdir)
+        flip=config.flip, teacher_logits=teacher_cache.teacher_logits(
+            train_source, teacher, config.student_size, workdir)
+        if mode == "fixed_teacher" else None)
     distiller = Distiller(teacher, student, temperature=config.temperature)
     distiller.compile(optimizer=optim.adamw(config.lr, config.weight_decay, total,
                                             min(config.warmup_steps, total - 1)),
@@ -213,8 +215,9 @@ def main() -> None:
     configs.validate(config)
     train_source = digits_source("train")
     keras.utils.set_random_seed(config.seed)
-    (teacher,) = train.build_teachers(config, train_source.num_classes, workdir,
-                                      train_source, verbose=0)
+    supervised.train_missing_teachers(config, workdir, train_source,
+                                      distribute.replication("default"), verbose=0)
+    (teacher,) = build.teachers(config, train_source.num_classes, workdir)
     teacher.trainable = False
 
     eval_sets = {}

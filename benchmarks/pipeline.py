@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import funmatch_keras as fm  # noqa: E402
-from funmatch_keras import data, models  # noqa: E402
+from funmatch_keras import data, file_sources, models  # noqa: E402
 
 SIZE = 128
 NUM_CLASSES = 37
@@ -62,7 +62,7 @@ def write_jpeg_tfrecords(directory: str, num_images: int, shards: int = 4) -> st
 
 def pipeline_images_per_second(pattern: str, batch_size: int, batches: int,
                                repeats: int) -> list[float]:
-    source = data.tfrecord_source(pattern, num_classes=NUM_CLASSES)
+    source = file_sources.tfrecord_source(pattern, num_classes=NUM_CLASSES)
     ds = data.train_pipeline(source, batch_size=batch_size, student_size=SIZE, seed=0)
     it = iter(ds)
     for _ in range(3):  # Warm up: tracing, thread pools, first block read.

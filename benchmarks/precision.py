@@ -6,7 +6,7 @@ Three settings, same models, batch and data, one process:
 - `bf16 teacher`:  teacher `bfloat16` (frozen, inference only), student float32;
 - `bf16 both`:     teacher `bfloat16`, student `mixed_bfloat16`.
 
-Each teacher is folded (`fold_weight_standardization`) as `train.build_teachers`
+Each teacher is folded (`fold_weight_standardization`) as `build.teachers`
 does for BiT. A step is `Distiller.train_on_batch` on a function-matching batch
 of the bundled digits (upscaled), compiled as `train.run` compiles it; images/s
 is the batch size over the median step time after warmup.
@@ -41,7 +41,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from funmatch_keras import data, models, optim, sources, train  # noqa: E402
+from funmatch_keras import build, data, models, optim, sources  # noqa: E402
 from funmatch_keras.distiller import Distiller  # noqa: E402
 
 SETTINGS = (  # name, teacher dtype, student dtype
@@ -125,7 +125,7 @@ def step_images_per_s(args, teacher_dtype: str, student_dtype: str, weights: lis
                            dtype=student_dtype)
     distiller = Distiller(t, student, temperature=1.0)
     distiller.compile(optimizer=optim.adamw(1e-3, 1e-5, 1000, 10),
-                      jit_compile=train._jit_compile() and args.jit)
+                      jit_compile=build.jit_compile() and args.jit)
     out_dtype = str(keras.ops.convert_to_numpy(student(batch[:1])).dtype)
     for _ in range(args.warmup):
         distiller.train_on_batch(batch)

@@ -4,6 +4,8 @@ Run: python examples/quickstart.py   (FUNMATCH_SMOKE=1 for a seconds-long run)
 """
 import os
 
+import keras
+
 import funmatch_keras as fm
 
 EPOCHS = 2 if os.environ.get("FUNMATCH_SMOKE") == "1" else 30
@@ -16,7 +18,10 @@ teacher = fm.models.small_cnn([32, 64, 128], num_classes=10, image_size=SIZE)
 labeled = fm.data.train_pipeline(train_src, mode="consistent", batch_size=BATCH,
                                  student_size=SIZE, seed=0, with_labels=True,
                                  area_range=(0.5, 1.0), flip=False)
-fm.train.fit_with_labels(teacher, labeled, steps, EPOCHS, lr=1e-2, weight_decay=1e-5)
+teacher.compile(optimizer=fm.optim.adamw(lr=1e-2, weight_decay=1e-5,
+                                         total_steps=steps * EPOCHS, warmup_steps=steps),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+teacher.fit(labeled, steps_per_epoch=steps, epochs=EPOCHS)
 
 # 2. Function matching: same crop for both models, batch mixup, no labels.
 student = fm.models.small_cnn([16, 32, 64], num_classes=10, image_size=SIZE)

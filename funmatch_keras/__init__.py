@@ -20,14 +20,17 @@ import typing as _typing
 
 __version__ = "0.1.0"
 
-__all__ = ["Distiller", "DistillationKL", "augment", "configs", "data", "distribute", "export",
-           "losses", "models", "optim", "sources", "train", "verify"]
+__all__ = ["Distiller", "DistillationKL", "augment", "compat", "configs", "data", "distribute",
+           "export",
+           "file_sources", "losses", "models", "optim", "recipe", "sources", "stream",
+           "teacher_cache", "train", "verify", "views"]
 
 # Public submodules, plus the ones the eager imports used to load as a side effect
 # (`fm.distiller`, `fm.checkpoint`, `fm.loop` kept working; they still do).
 _SUBMODULES = frozenset([
-    "augment", "checkpoint", "configs", "data", "distiller", "distribute", "export",
-    "loop", "losses", "models", "optim", "sources", "train", "verify",
+    "augment", "checkpoint", "compat", "configs", "data", "distiller", "distribute", "export",
+    "file_sources", "loop", "losses", "models", "optim", "recipe", "ship", "sources",
+    "stream", "teacher_cache", "train", "verify", "views",
 ])
 # Re-exported name -> the submodule that defines it.
 _ATTRIBUTES = {"Distiller": "distiller", "DistillationKL": "losses"}
@@ -50,7 +53,8 @@ def __dir__() -> list[str]:
 
 
 if _typing.TYPE_CHECKING:  # Static analyzers and IDEs see the eager imports.
-    from funmatch_keras import (augment, configs, data, distribute, export, losses,
-                                models, optim, sources, train, verify)
+    from funmatch_keras import (augment, compat, configs, data, distribute, export, file_sources,
+                                losses, models, optim, recipe, sources, stream,
+                                teacher_cache, train, verify, views)
     from funmatch_keras.distiller import Distiller
     from funmatch_keras.losses import DistillationKL

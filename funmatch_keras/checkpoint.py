@@ -1,4 +1,4 @@
-"""Preemption-safe checkpoints of the student and its optimizer (never the teacher).
+"""Checkpoint storage: atomic, verified saves and restores of student + optimizer state.
 
 A checkpoint is a directory `ckpt-<step:09d>/` holding
 
@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -320,107 +320,3 @@ def restore(
         for variable, array in zip(optimizer.variables, arrays):
             variable.assign(array)
     return state
-
-
-def _global_step(optimizer: keras.optimizers.Optimizer) -> int:
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
-
-
-class CheckpointCallback(keras.callbacks.Callback):
-    """Saves the student and optimizer every `every_steps` steps and after every epoch.
-
-    The global step is the optimizer's `iterations`, so counting survives
-    restarts. A step is never saved twice. When a batch's loss is NaN/inf, or
-    the weights became non-finite, training stops without saving, and the log
-    says which checkpoint is the last good one.
-
-    Args:
-        manager: `CheckpointManager`.
-        every_steps: int. Save when the global step is a multiple of it.
-        student: `keras.Model`. The model saved (e.g. `distiller.student`).
-        get_metadata: callable returning a JSON-serializable dict stored with
-            each checkpoint (e.g. the config and data position). Defaults to None.
-        is_chief: bool. Only the chief writes; other workers do nothing.
-            Defaults to `True`.
-
-    Example:
-    >>> import tempfile
-    >>> import numpy as np
-    >>> student = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    >>> student.compile(optimizer="sgd", loss="mse")
-    >>> manager = CheckpointManager(tempfile.mkdtemp(), keep=5)
-    >>> callback = CheckpointCallback(manager, every_steps=3, student=student)
-    >>> _ = student.fit(np.ones((8, 2)), np.ones((8, 1)), batch_size=2, epochs=2,
-    ...                 callbacks=[callback], verbose=0)
-    >>> manager.all_steps()  # every 3 steps, and at the end of each 4-step epoch
-    [3, 4, 6, 8]
-    """
-
-    def __init__(
-        self,
-        manager: CheckpointManager,
-        every_steps: int,
-        student: keras.Model,
-        get_metadata: Callable[[], dict] | None = None,
-        is_chief: bool = True,
-    ):
-        super().__init__()
-        if not isinstance(every_steps, int) or every_steps < 1:
-            raise ValueError(
-                f"`every_steps` must be an int >= 1. Received: every_steps={every_steps!r}"
-            )
-        self.manager = manager
-        self.every_steps = every_steps
-        self.student = student
-        self.get_metadata = get_metadata
-        self.is_chief = is_chief
-        latest = manager.latest()
-        self.last_saved_step = latest[0] if latest else None
-        self.stopped_reason: str | None = None
-        self._epoch = 0
-        self._epoch_start_step = self._step = 0
-
-    def _stop(self, reason: str) -> None:
-        latest = self.manager.latest()
-        good = f"step {latest[0]}" if latest else "none (no checkpoint was saved)"
-        self.stopped_reason = f"{reason}; the last good checkpoint is {good}"
-        logging.error("%s", self.stopped_reason)
-        self.model.stop_training = True
-
-    def _save(self, epoch: int) -> None:
-        # Read through `self.model`: under JAX, accessing it syncs the training
-        # state back into the variables before we read them.
-        optimizer = self.model.optimizer
-        step = _global_step(optimizer)
-        if not self.is_chief or self.stopped_reason or step == self.last_saved_step:
-            return
-        metadata = self.get_metadata() if self.get_metadata else {}
-        try:
-            self.manager.save(step, self.student, optimizer, metadata, epoch=epoch)
-        except NonFiniteWeightsError:
-            self._stop(f"weights became NaN/inf at step {step}")
-            return
-        self.last_saved_step = step
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self.stopped_reason = None
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch = epoch
-        self._epoch_start_step = _global_step(self.model.optimizer)
-        self._step = self._epoch_start_step
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        # The step is counted here rather than read from the optimizer: under
-        # JAX, reading a variable mid-epoch forces a full state sync.
-        previous, self._step = self._step, self._epoch_start_step + batch + 1
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self._stop(f"loss became NaN at step {self._step}")
-            return
-        # `//` rather than `%`: with steps_per_execution > 1 a multiple can be skipped.
-        if self._step // self.every_steps > previous // self.every_steps:
-            self._save(epoch=self._epoch)
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self._save(epoch=epoch + 1)

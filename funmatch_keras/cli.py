@@ -22,6 +22,11 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Exit codes: 0 done, 2 bad input (the message says the fix), 3 training stopped
+# early (NaN; the last good checkpoint is kept), 4 stopped by SIGTERM/SIGINT after
+# saving a checkpoint (rerun the same command to resume).
+EXIT_BAD_INPUT, EXIT_TRAINING_STOPPED, EXIT_PREEMPTED = 2, 3, 4
+
 
 def _demo(args: argparse.Namespace) -> int:
     from funmatch_keras.demo import run_demo
@@ -39,9 +44,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace):
     from funmatch_keras import configs
 
-    config = configs.apply_overrides(configs.load_config(args.config), args.overrides)
-    configs.validate(config)
-    return config
+    # Validated by the command itself (`train.run`, `supervised.train_teacher`).
+    return configs.apply_overrides(configs.load_config(args.config), args.overrides)
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -56,7 +60,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
     from funmatch_keras import supervised
 
     supervised.train_teacher(_config(args), args.workdir, verbose=args.verbose,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, strategy=args.strategy)
     return 0
 
 
@@ -69,7 +73,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from funmatch_keras.export import format_report, run_export
+    from funmatch_keras.export import format_report
+    from funmatch_keras.ship import run_export
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     report = run_export(args.workdir, formats, overwrite=args.overwrite,
@@ -98,14 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--overwrite", action="store_true",
                              help="allow a workdir that holds another config")
         command.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0, 1 or 2")
+        command.add_argument("--strategy", default=None, help="auto (default: TPU, then "
+                             "several GPUs, then TF_CONFIG workers), tpu, mirrored, "
+                             "multi_worker, default; JAX: auto, data_parallel, default. "
+                             "Env: FUNMATCH_STRATEGY")
         command.set_defaults(run=run)
         return command
 
-    distill = config_command("distill", _distill, "distill a student from a config",
-                             "checkpoints, logs, student, report")
-    distill.add_argument("--strategy", default=None, help="auto (default: TPU, then several "
-                         "GPUs, then TF_CONFIG workers), tpu, mirrored, multi_worker, default; "
-                         "JAX: auto, data_parallel, default. Env: FUNMATCH_STRATEGY")
+    config_command("distill", _distill, "distill a student from a config",
+                   "checkpoints, logs, student, report")
     config_command("train-teacher", _train_teacher, "fine-tune a teacher with labels",
                    "checkpoints and teacher.keras")
 
@@ -144,16 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(rest)
     args.overrides = overrides
-    from funmatch_keras.train import TrainingError
+    from funmatch_keras.loop import Preempted, TrainingError
 
     try:
         return args.run(args)
+    except Preempted as error:  # SIGTERM/SIGINT: saved; the same command resumes
+        print(f"funmatch {args.command}: {error}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except TrainingError as error:  # stopped early (NaN); checkpoints are intact
         print(f"funmatch {args.command}: {error}", file=sys.stderr)
-        return 3
+        return EXIT_TRAINING_STOPPED
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"funmatch {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import keras
 import numpy as np
 
-from funmatch_keras import configs, data, optim, train
+from funmatch_keras import (atomic, build, configs, data, distribute, loop, supervised,
+                            workdir as workdirs)
 from funmatch_keras.distiller import Distiller
 from funmatch_keras.sources import digits_source
+
+DISTILL_CHECKPOINTS = "checkpoints"
+BASELINE_CHECKPOINTS = "baseline_checkpoints"
 
 
 class TestSetTracker(keras.callbacks.Callback):
@@ -47,6 +52,11 @@ def predict_classes(model: keras.Model, images: np.ndarray) -> np.ndarray:
 def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
     """Runs the demo and returns its report (also written to `workdir/report.json`).
 
+    The fits go through the same checkpointed loops as `funmatch distill`. A
+    rerun resumes an interrupted teacher training, but always trains both
+    students anew (their checkpoints from an earlier demo are removed first),
+    so the curves cover every epoch; `funmatch distill` resumes students too.
+
     Args:
         workdir: str. Output directory.
         verbose: int. Keras verbosity. Defaults to 1.
@@ -59,9 +69,11 @@ def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
     config = configs.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
     configs.validate(config)
     os.makedirs(workdir, exist_ok=True)
-    stale_teacher = os.path.join(workdir, "teacher.keras")
-    if os.path.exists(stale_teacher):  # the demo always trains its teacher anew
+    stale_teacher = workdirs.trained_teacher_path(workdir, 0, 1)
+    if os.path.exists(stale_teacher):  # rebuilt from its checkpoints or trained anew
         os.remove(stale_teacher)
+    for stale in (DISTILL_CHECKPOINTS, BASELINE_CHECKPOINTS):
+        shutil.rmtree(os.path.join(workdir, stale), ignore_errors=True)
     start = time.time()
     keras.utils.set_random_seed(config.seed)
     size, batch_size = config.student_size, config.batch_size
@@ -71,47 +83,55 @@ def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
         .as_numpy_iterator()))
     steps = data.steps_per_epoch(train_source, batch_size)
     total_steps = steps * config.epochs
-
-    def pipeline(mode, with_labels=False):
-        return data.train_pipeline(
-            train_source, mode=mode, batch_size=batch_size, student_size=size,
-            seed=config.seed, shuffle_buffer=train_source.num_examples,
-            area_range=(config.crop_area_min, 1.0), flip=config.flip, with_labels=with_labels)
+    replicas = distribute.replication("default")
+    area_range = (config.crop_area_min, 1.0)
 
     _log(verbose, f"[1/3] Teacher {config.teacher}, trained with labels.")
-    (teacher,) = train.build_teachers(config, 10, workdir, train_source, verbose)
+    supervised.train_missing_teachers(config, workdir, train_source, replicas, verbose)
+    (teacher,) = build.teachers(config, 10, workdir)
     teacher_predictions = predict_classes(teacher, test_images)
 
     _log(verbose, f"[2/3] Student {config.student}, distilled by function matching.")
     keras.utils.set_random_seed(config.seed + 1)
-    student = train.build_student(config, 10)
+    student = build.student(config, 10)
     distiller = Distiller(teacher, student, temperature=config.temperature)
-    distiller.compile(
-        optimizer=optim.adamw(config.lr, config.weight_decay, total_steps,
-                              min(config.warmup_steps, total_steps - 1)),
-        jit_compile=train._jit_compile(config.jit_compile),
-    )
+    distiller.compile(optimizer=build.optimizer(config, total_steps),
+                      jit_compile=build.jit_compile(config.jit_compile))
     distilled_curve = TestSetTracker(student, test_images, test_labels, teacher_predictions)
-    distiller.fit(pipeline("function_matching"), steps_per_epoch=steps, epochs=config.epochs,
-                  callbacks=[distilled_curve], verbose=verbose)
+
+    def distill_data(step):
+        return data.train_pipeline(
+            train_source, mode="function_matching", batch_size=batch_size, student_size=size,
+            seed=config.seed, shuffle_buffer=train_source.num_examples,
+            area_range=area_range, flip=config.flip, start_step=step)
+
+    loop.fit_with_checkpoints(
+        distiller, distill_data, checkpoint_dir=os.path.join(workdir, DISTILL_CHECKPOINTS),
+        every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
+        every_minutes=config.checkpoint_every_minutes,
+        steps_per_epoch=steps, epochs=config.epochs, name="distillation", saved=student,
+        callbacks=[distilled_curve], verbose=verbose)
 
     _log(verbose, "[3/3] Baseline: the same student architecture trained with labels.")
     keras.utils.set_random_seed(config.seed + 1)  # same initial weights as the student
-    baseline = train.build_student(config, 10)
+    baseline = build.student(config, 10)
     baseline_curve = TestSetTracker(baseline, test_images, test_labels, teacher_predictions)
-    train.fit_with_labels(baseline, pipeline("consistent", with_labels=True), steps,
-                          config.epochs, config.lr, config.weight_decay, [baseline_curve],
-                          verbose, jit_compile=config.jit_compile)
+    supervised.fit_with_labels(
+        baseline, config, train_source, size=size,
+        optimizer=supervised.epoch_warmup_optimizer(config, steps, config.epochs),
+        steps_per_epoch=steps, epochs=config.epochs,
+        checkpoint_dir=os.path.join(workdir, BASELINE_CHECKPOINTS), replicas=replicas,
+        seed=config.seed, area_range=area_range, name="baseline training",
+        callbacks=[baseline_curve], verbose=verbose)
 
     rows = {
         "teacher": _scores(teacher, test_images, test_labels, teacher_predictions),
         "label-trained student": _scores(baseline, test_images, test_labels, teacher_predictions),
         "distilled student": _scores(student, test_images, test_labels, teacher_predictions),
     }
-    student.save(os.path.join(workdir, "student.keras"))
+    workdirs.save_model(student, os.path.join(workdir, workdirs.STUDENT_FILE))
     # What `funmatch export` needs to find eval and calibration images.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(configs.to_json(config))
+    atomic.write_text(os.path.join(workdir, workdirs.CONFIG_FILE), configs.to_json(config))
     report = {
         "dataset": "digits", "num_train": train_source.num_examples,
         "num_test": test_source.num_examples, "steps": total_steps,
@@ -124,9 +144,9 @@ def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
     }
     distilled, base = rows["distilled student"]["top1"], rows["label-trained student"]["top1"]
     report["distillation_beats_baseline"] = distilled >= base
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    plot_curves(report, os.path.join(workdir, "demo.png"))
+    atomic.write_json(os.path.join(workdir, workdirs.REPORT_FILE), report)
+    atomic.atomic_write(os.path.join(workdir, "demo.png"),
+                        lambda tmp: plot_curves(report, tmp))
     print(format_table(report))
     return report
 
@@ -173,5 +193,5 @@ def plot_curves(report: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

@@ -7,13 +7,18 @@ from typing import Sequence
 import keras
 from keras import ops
 
-from funmatch_keras.losses import DistillationKL, _check_temperature, kl_divergence_from_logits
+from funmatch_keras import compat
+from funmatch_keras.losses import DistillationKL, check_temperature, kl_divergence_from_logits
 
 # Keys a dict batch may carry. Anything else is a typo we report.
 STUDENT_KEY = "student"
 TEACHER_KEY = "teacher"
 TEACHER_LOGITS_KEY = "teacher_logits"
 _BATCH_KEYS = (STUDENT_KEY, TEACHER_KEY, TEACHER_LOGITS_KEY)
+# Metrics that evaluation reports besides the loss: with labels only, and always.
+_LABEL_METRICS = ("student_top1", "teacher_top1")
+_TEACHER_METRICS = ("agreement", "kl")
+_EVAL_METRICS = _LABEL_METRICS + _TEACHER_METRICS
 
 
 def _num_classes(model: keras.Model) -> int | None:
@@ -75,7 +80,7 @@ class Distiller(keras.Model):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         if teacher is None:
             teachers = []
         elif isinstance(teacher, (list, tuple)):
@@ -102,7 +107,6 @@ class Distiller(keras.Model):
         self.teacher_top1 = keras.metrics.SparseCategoricalAccuracy(name="teacher_top1")
         self.agreement = keras.metrics.Mean(name="agreement")
         self.kl = keras.metrics.Mean(name="kl")
-        self._evaluating = False
 
     @property
     def teacher(self) -> keras.Model | list[keras.Model] | None:
@@ -167,16 +171,32 @@ class Distiller(keras.Model):
 
     # -- keras.Model hooks -------------------------------------------------
 
+    def compile(self, *args, **kwargs):
+        """`keras.Model.compile`; under a `MultiWorkerMirroredStrategy`, also patches Keras.
+
+        Keras 3 cannot `fit` across workers (`compat.patch_keras_for_multi_worker`).
+        """
+        super().compile(*args, **kwargs)
+        if keras.backend.backend() == "tensorflow":
+            compat.patch_for_strategy(self.distribute_strategy)
+
     def call(self, inputs, training=False):
         return self.student(self._student_input(inputs), training=training)
+
+    # Metrics, on every backend with public hooks only. `compute_loss` is the one
+    # hook told whether Keras trains or evaluates (`training`), so it updates the
+    # evaluation metrics when `training=False` (under JAX, Keras carries those
+    # updates as state). `compute_metrics` reports, from `self.metrics`, the loss
+    # and the evaluation metrics, the label-based ones only when it is given
+    # labels (`y`). `train_step` keeps only the loss of its logs, so `fit` logs
+    # `loss` alone: no flag passes between the hooks, and what each step returns
+    # is fixed when it is traced.
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         teacher_logits = self.teacher_logits(x)
         loss = self.distillation_loss(teacher_logits, y_pred)
         if self.losses:  # regularizers of the student, if any
             loss = loss + ops.sum(self.losses)
-        # Python-level flag read by compute_metrics in the same traced step.
-        self._evaluating = not training
         if not training:
             self._update_eval_metrics(y, teacher_logits, y_pred)
         return loss
@@ -191,9 +211,18 @@ class Distiller(keras.Model):
         self.kl.update_state(kl_divergence_from_logits(teacher_logits, student_logits))
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        reported = [self._loss_tracker]
-        if self._evaluating:
-            if y is not None:
-                reported += [self.student_top1, self.teacher_top1]
-            reported += [self.agreement, self.kl]
-        return {metric.name: metric.result() for metric in reported}
+        names = ("loss",) + (_LABEL_METRICS if y is not None else ()) + _TEACHER_METRICS
+        return {m.name: m.result() for m in self.metrics if m.name in names}
+
+    def train_step(self, *args, **kwargs):
+        # TensorFlow and torch return the logs, JAX `(logs, state)`.
+        outputs = super().train_step(*args, **kwargs)
+        if isinstance(outputs, tuple):
+            logs, state = outputs
+            return _training_logs(logs), state
+        return _training_logs(outputs)
+
+
+def _training_logs(logs: dict) -> dict:
+    """What `fit` logs: the loss (the evaluation metrics are not updated in training)."""
+    return {name: value for name, value in logs.items() if name not in _EVAL_METRICS}

@@ -1,4 +1,4 @@
-"""Replicas for training: a `tf.distribute` strategy, or a JAX `DataParallel`.
+"""How training is replicated: a `tf.distribute` strategy or a JAX `DataParallel`.
 
 `strategy(kind="auto")` picks the TensorFlow strategy for the machine it runs
 on: a TPU (`TPUStrategy`), else a cluster described by `TF_CONFIG`
@@ -13,7 +13,9 @@ process is the chief (the only one that writes checkpoints and reports), and a
 `scope()` to build models, optimizer and `Distiller` in and to train under.
 
 The kind comes from the argument, else the `FUNMATCH_STRATEGY` environment
-variable, else `"auto"`.
+variable, else `"auto"`. A `MultiWorkerMirroredStrategy`, chosen here or passed
+in, gets `compat.patch_keras_for_multi_worker()` (Keras 3 cannot `fit` across
+workers without it).
 
 Example:
 >>> import funmatch_keras.distribute as distribute
@@ -34,6 +36,8 @@ from typing import Any, Callable, Iterator
 
 import keras
 from absl import logging
+
+from funmatch_keras import compat
 
 ENV_VAR = "FUNMATCH_STRATEGY"
 TF_KINDS = ("auto", "tpu", "mirrored", "multi_worker", "default")
@@ -94,7 +98,8 @@ def strategy(kind: str = "auto", tpu: str | None = None):
     replicas are logged.
 
     `MultiWorkerMirroredStrategy` must be created before TensorFlow runs any
-    op, so call this first thing in a program.
+    op, so call this first thing in a program. Keras is patched for it
+    (`compat.patch_keras_for_multi_worker`).
 
     Args:
         kind: str. One of `"auto"`, `"tpu"`, `"mirrored"`, `"multi_worker"`,
@@ -128,13 +133,13 @@ def strategy(kind: str = "auto", tpu: str | None = None):
     if chosen is None and (kind == "multi_worker"
                            or (kind == "auto" and _tf_config_cluster() is not None)):
         chosen = tf.distribute.MultiWorkerMirroredStrategy()
-        _patch_keras_for_multi_worker()
     if chosen is None and kind in ("auto", "mirrored"):
         gpus = tf.config.list_physical_devices("GPU")
         if kind == "mirrored" or len(gpus) > 1:
             chosen = tf.distribute.MirroredStrategy()
     if chosen is None:
         chosen = tf.distribute.get_strategy()
+    compat.patch_for_strategy(chosen)  # Keras 3 cannot fit across workers otherwise
     logging.info("Distribution: %s (kind=%r) with %d replica(s).",
                  _strategy_name(chosen), kind, chosen.num_replicas_in_sync)
     return chosen
@@ -188,60 +193,6 @@ def _is_chief_task(task_type: str, task_id: int, cluster: dict) -> bool:
     if task_type == "chief":
         return True
     return task_type == "worker" and int(task_id or 0) == 0 and "chief" not in cluster
-
-
-def _patch_keras_for_multi_worker() -> None:
-    """Works around two Keras 3.15 failures of `fit`/`evaluate` across workers.
-
-    Keras 3.15 reduces each step's per-replica metric values under a
-    multi-worker strategy with `strategy.reduce("MEAN", value, axis=0)`, which
-    fails on scalars ("Invalid reduction dimension 0 for input with 0
-    dimensions"), so any `fit` under `MultiWorkerMirroredStrategy` stops at its
-    first step. Scalars are averaged over the replicas instead (`axis=None`),
-    as Keras does on one worker; everything else goes to Keras unchanged.
-    Idempotent.
-    """
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    original = tf_trainer.reduce_per_replica
-    if getattr(original, "_funmatch_patched", False):
-        return
-
-    def reduce_per_replica(values, strategy, reduction):
-        multi_worker = (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-                        and strategy.extended._in_multi_worker_mode())
-        if not multi_worker or reduction not in ("auto", "mean"):
-            return original(values, strategy, reduction)
-
-        def reduce(value):
-            # One replica per worker gives plain tensors, several give PerReplica.
-            if strategy.experimental_local_results(value)[0].shape.rank == 0:
-                return strategy.reduce("MEAN", value, axis=None)
-            return original(value, strategy, reduction)
-
-        return tf.nest.map_structure(reduce, values)
-
-    # Likewise `evaluate` first "reduces" a whole (images, labels) batch with
-    # `strategy.reduce("MEAN", batch)` just to learn its shapes, which fails
-    # across workers: use this worker's first replica's batch instead.
-    original_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if (iterator is not None and strategy is not None
-                and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-                and strategy.extended._in_multi_worker_mode()):
-            for _, _, it in iterator:
-                data_batch = tf.nest.map_structure(
-                    lambda v: strategy.experimental_local_results(v)[0], next(it))
-                break
-            iterator = None
-        return original_build(self, iterator=iterator, data_batch=data_batch)
-
-    reduce_per_replica._funmatch_patched = True
-    tf_trainer.reduce_per_replica = reduce_per_replica
-    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
 
 
 def _strategy_name(strategy) -> str:
@@ -394,6 +345,7 @@ def replication(kind: str | Any | None = None) -> Replication:
                              f"backends, not {keras.backend.backend()!r}.")
         return Replication("default", 1, True)
     chosen = strategy(kind) if isinstance(kind, str) else kind
+    compat.patch_for_strategy(chosen)  # also for a strategy built by the caller
     return Replication(_strategy_name(chosen), chosen.num_replicas_in_sync,
                        is_chief(chosen), _task_name(chosen), strategy=chosen,
                        num_workers=_num_workers(chosen))

@@ -1,24 +1,10 @@
-"""Export a trained student as .keras, SavedModel and TFLite, with parity checks.
+"""Write a student as .keras, SavedModel and TFLite artifacts, each verified.
 
-Every artifact is written to a temporary path and renamed into place, so a failed
-export never leaves a partial file. `export_all` checks each artifact with
+Every file is written to a temporary path and renamed into place, so a failed
+export never leaves a partial one. `export_all` checks each artifact with
 `funmatch_keras.verify.verify`, which runs it the way it will be deployed.
-
-Example (a tiny untrained student; any `keras.Model` of images works):
->>> from funmatch_keras.models import small_cnn
->>> student = small_cnn([8, 16], num_classes=5, image_size=32)
->>> rng = np.random.default_rng(0)
->>> val_images, train_images = rng.uniform(-1, 1, (2, 8, 32, 32, 3)).astype("float32")
->>> out = tempfile.mkdtemp()
->>> report = export_all(student, out, ["saved_model", "tflite_int8"],
-...                     eval_images=val_images, representative_data=train_images)
->>> sorted(os.listdir(out))
-['export_report.json', 'saved_model', 'student_int8.tflite']
->>> print(format_report(report))
-format              size  agreement  max|dlogit|  latency ms  path
-saved_model ... 100.00% ...
-tflite_int8 ...
-(8 eval images at 32 px; latency per image on this CPU)
+Plain arguments only: `funmatch export` (a workdir's student) is
+`funmatch_keras.ship`. The example of `export_all` shows the whole round.
 """
 
 from __future__ import annotations
@@ -31,38 +17,29 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from funmatch_keras import augment
-from funmatch_keras.verify import INPUT_NAME, iter_images, load_keras_model, verify
+from funmatch_keras.verify import INPUT_NAME, iter_images, verify
 
 TFLITE_MODES = ("fp32", "fp16", "dynamic", "int8")
 FORMATS = ("keras", "saved_model") + tuple(f"tflite_{m}" for m in TFLITE_MODES)
 REPORT_NAME = "export_report.json"
 
-_ARTIFACT_NAMES = {
-    "keras": "student.keras",
-    "saved_model": "saved_model",
-    **{f"tflite_{m}": f"student_{m}.tflite" for m in TFLITE_MODES},
-}
+_ARTIFACT_NAMES = {"keras": "student.keras", "saved_model": "saved_model",
+                   **{f"tflite_{m}": f"student_{m}.tflite" for m in TFLITE_MODES}}
 
 
 class ExportError(RuntimeError):
     """An export or conversion failed; the message says why and what blocked it."""
 
 
-# --------------------------------------------------------------------------
-# Writers
-# --------------------------------------------------------------------------
-
-
-def to_keras(
-    model: keras.Model, path: str | os.PathLike, overwrite: bool = False
-) -> Path:
+def to_keras(model: keras.Model, path: str | os.PathLike,
+             overwrite: bool = False) -> Path:
     """Saves `model` in the native Keras format.
 
     Args:
@@ -77,6 +54,7 @@ def to_keras(
     >>> from funmatch_keras.models import small_cnn
     >>> student = small_cnn([8], num_classes=3, image_size=16)
     >>> path = to_keras(student, os.path.join(tempfile.mkdtemp(), "student.keras"))
+    >>> from funmatch_keras.verify import load_keras_model
     >>> path.name, load_keras_model(path).output_shape
     ('student.keras', (None, 3))
     >>> to_keras(student, path)
@@ -91,12 +69,8 @@ def to_keras(
     return path
 
 
-def to_saved_model(
-    model: keras.Model,
-    path: str | os.PathLike,
-    overwrite: bool = False,
-    image_size: int | None = None,
-) -> Path:
+def to_saved_model(model: keras.Model, path: str | os.PathLike, overwrite: bool = False,
+                   image_size: int | None = None) -> Path:
     """Exports `model` as a SavedModel with two serving signatures.
 
     - `serving_default(images)`: float32 `[None, S, S, 3]`, already in [-1, 1].
@@ -126,7 +100,12 @@ def to_saved_model(
     >>> {name: tuple(value.shape) for name, value in sorted(out.items())}
     {'logits': (1, 3), 'probabilities': (1, 3)}
     """
-    size = _image_size(model, image_size)
+    size = image_size or static_image_size(model)
+    if size is None:
+        shape = tuple(model.inputs[0].shape) if model.inputs else None
+        raise ValueError(
+            "Cannot read a static square image size from the model's input shape; "
+            f"pass `image_size=`. Received: input shape {shape}")
 
     def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
         # Logits in float32 even for a mixed-precision student.
@@ -141,30 +120,19 @@ def to_saved_model(
     # the ones the endpoints capture (keras-team/keras#23553), doubling the
     # SavedModel on disk and in memory. The cost: the loaded object has no
     # `.variables` attribute, which serving does not use.
-    archive.add_endpoint(
-        "serving_default",
-        serve,
-        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, INPUT_NAME)],
-    )
-    archive.add_endpoint(
-        "serve_images",
-        serve_images,
-        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, INPUT_NAME)],
-    )
+    float_spec = tf.TensorSpec([None, size, size, 3], tf.float32, INPUT_NAME)
+    archive.add_endpoint("serving_default", serve, input_signature=[float_spec])
+    uint8_spec = tf.TensorSpec([None, None, None, 3], tf.uint8, INPUT_NAME)
+    archive.add_endpoint("serve_images", serve_images, input_signature=[uint8_spec])
     path = Path(path)
     with _atomic_output(path, overwrite) as tmp:
         archive.write_out(str(tmp), verbose=False)
     return path
 
 
-def to_tflite(
-    model_or_saved_model_path: keras.Model | str | os.PathLike,
-    path: str | os.PathLike,
-    mode: str,
-    representative_data: Any = None,
-    num_calibration: int = 200,
-    overwrite: bool = False,
-) -> Path:
+def to_tflite(model_or_saved_model_path: keras.Model | str | os.PathLike,
+              path: str | os.PathLike, mode: str, representative_data: Any = None,
+              num_calibration: int = 200, overwrite: bool = False) -> Path:
     """Converts the `serving_default` signature to TFLite (built-in ops only).
 
     Modes: `"fp32"`; `"fp16"` (float16 weights); `"dynamic"` (int8 weights,
@@ -206,20 +174,17 @@ def to_tflite(
     """
     if mode not in TFLITE_MODES:
         raise ValueError(
-            f"`mode` must be one of {TFLITE_MODES}. Received: mode={mode!r}"
-        )
+            f"`mode` must be one of {TFLITE_MODES}. Received: mode={mode!r}")
     if mode == "int8" and representative_data is None:
         raise ValueError(
             "int8 quantization needs calibration images: pass `representative_data` "
             "(a few hundred training images in [-1, 1]). "
-            "Received: representative_data=None"
-        )
+            "Received: representative_data=None")
     path = Path(path)
     _check_writable(path, overwrite)
     with _as_saved_model(model_or_saved_model_path) as saved_model_dir:
         converter = tf.lite.TFLiteConverter.from_saved_model(
-            str(saved_model_dir), signature_keys=["serving_default"]
-        )
+            str(saved_model_dir), signature_keys=["serving_default"])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if mode != "fp32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -254,9 +219,8 @@ def _conversion_message(mode: str, message: str) -> str:
 
 
 @contextlib.contextmanager
-def _as_saved_model(
-    source: keras.Model | str | os.PathLike, image_size: int | None = None
-) -> Iterator[Path]:
+def _as_saved_model(source: keras.Model | str | os.PathLike,
+                    image_size: int | None = None) -> Iterator[Path]:
     """Yields a SavedModel directory: `source` itself, or a temporary export."""
     if not isinstance(source, keras.Model):
         source = Path(source)
@@ -268,21 +232,10 @@ def _as_saved_model(
         yield to_saved_model(source, Path(tmp) / "saved_model", image_size=image_size)
 
 
-# --------------------------------------------------------------------------
-# Everything at once, and the CLI entry point
-# --------------------------------------------------------------------------
-
-
-def export_all(
-    model: keras.Model,
-    out_dir: str | os.PathLike,
-    formats: Iterable[str],
-    *,
-    eval_images: Any,
-    representative_data: Any = None,
-    overwrite: bool = False,
-    num_calibration: int = 200,
-) -> dict[str, Any]:
+def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable[str],
+               *, eval_images: Any, representative_data: Any = None,
+               overwrite: bool = False, num_calibration: int = 200,
+               report_fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """Exports `model` in several formats, verifies each and writes a report.
 
     Args:
@@ -296,25 +249,36 @@ def export_all(
             so the parity check is not measured on the calibration set.
         overwrite: bool. Replace existing artifacts. Defaults to `False`.
         num_calibration: int. int8 calibration images. Defaults to `200`.
+        report_fields: dict. Extra top-level report entries, such as where the
+            eval images came from. Defaults to `None`.
 
     Returns:
         The report: `{"model", "image_size", "num_eval_images", "artifacts":
         {format: {"path", "size_bytes", "agreement", "max_abs_logit_diff",
-        "median_latency_ms"}}}`, also written to `<out_dir>/export_report.json`.
+        "median_latency_ms"}}, **report_fields}`, also written (atomically) to
+        `<out_dir>/export_report.json`.
 
-    Example:
+    Example (a tiny untrained student; any `keras.Model` of images works):
     >>> from funmatch_keras.models import small_cnn
-    >>> student = small_cnn([8], num_classes=3, image_size=16)
-    >>> val_images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3))
+    >>> student = small_cnn([8, 16], num_classes=5, image_size=32)
+    >>> rng = np.random.default_rng(0)
+    >>> val_images, train_images = rng.random((2, 8, 32, 32, 3), np.float32) * 2 - 1
     >>> out = tempfile.mkdtemp()
-    >>> report = export_all(student, out, ["keras", "tflite_fp16"],
-    ...                     eval_images=val_images)
+    >>> report = export_all(student, out, ["keras", "tflite_fp16", "tflite_int8"],
+    ...                     eval_images=val_images, representative_data=train_images)
     >>> sorted(os.listdir(out))
-    ['export_report.json', 'student.keras', 'student_fp16.tflite']
+    ['export_report.json', 'student.keras', 'student_fp16.tflite',
+     'student_int8.tflite']
     >>> report["num_eval_images"], report["artifacts"]["keras"]["agreement"]
     (8, 1.0)
     >>> report["artifacts"]["tflite_fp16"]["max_abs_logit_diff"] < 0.01
     True
+    >>> print(format_report(report))
+    format              size  agreement  max|dlogit|  latency ms  path
+    keras ... 100.00% ...
+    tflite_fp16 ...
+    tflite_int8 ...
+    (8 eval images at 32 px; latency per image on this CPU)
     """
     unknown = [f for f in formats if f not in FORMATS]
     # Canonical order: the SavedModel (if asked for) is written before the
@@ -322,48 +286,40 @@ def export_all(
     formats = [f for f in FORMATS if f in formats]
     if unknown or not formats:
         raise ValueError(
-            f"Unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}."
-        )
+            f"Unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}.")
     if "tflite_int8" in formats and representative_data is None:
         raise ValueError(
             "`tflite_int8` needs calibration images: pass `representative_data` "
-            "(a few hundred training images in [-1, 1]) or drop `tflite_int8`."
-        )
+            "(a few hundred training images in [-1, 1]) or drop `tflite_int8`.")
     out_dir = Path(out_dir)
     paths = {f: out_dir / _ARTIFACT_NAMES[f] for f in formats}
     for path in paths.values():  # fail before spending minutes on the others
         _check_writable(path, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_images = np.stack(list(iter_images(eval_images)))
-    size = _static_size(model) or int(eval_images.shape[1])
+    size = static_image_size(model) or int(eval_images.shape[1])
 
-    writers: dict[str, Callable[[Path], Any]] = {
-        "keras": lambda p: to_keras(model, p, overwrite),
-        "saved_model": lambda p: to_saved_model(model, p, overwrite, size),
-    }
+    artifacts = {}
     with contextlib.ExitStack() as stack:
-        tflite_formats = [f for f in formats if f.startswith("tflite_")]
         # Every TFLite variant is converted from one SavedModel export.
-        source = paths.get("saved_model")
-        if tflite_formats and source is None:
-            source = stack.enter_context(_as_saved_model(model, size))
-        for fmt in tflite_formats:
-            writers[fmt] = lambda p, mode=fmt[len("tflite_") :]: to_tflite(
-                source, p, mode, representative_data, num_calibration, overwrite
-            )
-        artifacts = {}
-        for fmt in formats:
-            writers[fmt](paths[fmt])
-            result = verify(paths[fmt], model, eval_images)
-            artifacts[fmt] = {"path": str(paths[fmt]), **result}
+        saved_model = paths.get("saved_model")
+        for fmt, path in paths.items():
+            if fmt == "keras":
+                to_keras(model, path, overwrite)
+            elif fmt == "saved_model":
+                to_saved_model(model, path, overwrite, size)
+            else:
+                if saved_model is None:
+                    saved_model = stack.enter_context(_as_saved_model(model, size))
+                to_tflite(saved_model, path, fmt[len("tflite_"):], representative_data,
+                          num_calibration, overwrite)
+            artifacts[fmt] = {"path": str(path), **verify(path, model, eval_images)}
 
-    report = {
-        "model": model.name,
-        "image_size": size,
-        "num_eval_images": int(len(eval_images)),
-        "artifacts": artifacts,
-    }
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    report = {"model": model.name, "image_size": size,
+              "num_eval_images": int(len(eval_images)), "artifacts": artifacts,
+              **(report_fields or {})}
+    with _atomic_output(out_dir / REPORT_NAME, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -380,10 +336,8 @@ def format_report(report: dict[str, Any]) -> str:
     tflite_int8       25.1KB     99.50%      3.1e-01       0.050  student_int8.tflite
     (500 eval images at 128 px; latency per image on this CPU)
     """
-    lines = [
-        f"{'format':<15}{'size':>9}{'agreement':>11}{'max|dlogit|':>13}"
-        f"{'latency ms':>12}  path"
-    ]
+    lines = [f"{'format':<15}{'size':>9}{'agreement':>11}{'max|dlogit|':>13}"
+             f"{'latency ms':>12}  path"]
     for fmt, a in report["artifacts"].items():
         lines.append(
             f"{fmt:<15}{_human_size(a['size_bytes']):>9}{a['agreement']:>11.2%}"
@@ -395,136 +349,29 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_export(
-    workdir: str | os.PathLike,
-    formats: Iterable[str],
-    overwrite: bool = False,
-    eval_images: Any = None,
-    representative_data: Any = None,
-    out_dir: str | os.PathLike | None = None,
-    num_images: int = 500,
-) -> dict[str, Any]:
-    """The `funmatch export` entry point: exports `<workdir>/student.keras`.
+def static_image_size(model: keras.Model) -> int | None:
+    """The model's square input size S, or `None` if its input shape is not static.
 
-    When the workdir has a `config.json` (written by `funmatch demo` and
-    `funmatch distill`), parity is measured on `num_images` eval-preprocessed
-    images of the dataset's test split and int8 is calibrated on as many images
-    of its train split (eval preprocessing), unless images are passed.
-
-    Args:
-        workdir: str. A training workdir holding `student.keras`.
-        formats: list of str. See `export_all`.
-        overwrite: bool. Replace existing artifacts. Defaults to `False`.
-        eval_images: float images in [-1, 1] for the parity check. Defaults to
-            `None`: the workdir's test images, else 64 random images, so the
-            logit differences are meaningful but the agreement is not (the
-            report marks `eval_data: synthetic`).
-        representative_data: int8 calibration images. Defaults to `None`.
-        out_dir: str. Defaults to `<workdir>/export`.
-        num_images: int. Eval and calibration images drawn from the workdir's
-            dataset. Defaults to 500.
-
-    Returns:
-        The report of `export_all`.
-
-    Example (a workdir with only `student.keras`, so the parity check uses
-    random images):
+    Example:
     >>> from funmatch_keras.models import small_cnn
-    >>> workdir = tempfile.mkdtemp()
-    >>> _ = to_keras(small_cnn([8], num_classes=3, image_size=16),
-    ...              os.path.join(workdir, "student.keras"))
-    >>> report = run_export(workdir, ["saved_model", "tflite_fp32"])
-    >>> report["eval_data"], report["num_eval_images"], sorted(report["artifacts"])
-    ('synthetic', 64, ['saved_model', 'tflite_fp32'])
-    >>> sorted(os.listdir(os.path.join(workdir, "export")))
-    ['export_report.json', 'saved_model', 'student_fp32.tflite']
+    >>> static_image_size(small_cnn([8], num_classes=3, image_size=16))
+    16
     """
-    workdir = Path(workdir)
-    student_path = workdir / "student.keras"
-    if not student_path.is_file():
-        raise FileNotFoundError(
-            f"no trained student at {student_path}: run `funmatch distill` or "
-            f"`funmatch demo` first"
-        )
-    model = load_keras_model(student_path)
-    out_dir = Path(out_dir) if out_dir is not None else workdir / "export"
-    if eval_images is None and (workdir / "config.json").is_file():
-        eval_images, calibration = workdir_images(workdir, num_images)
-        if representative_data is None:
-            representative_data = calibration
-    synthetic = eval_images is None
-    if synthetic:
-        size = _static_size(model)
-        if size is None:
-            raise ValueError(
-                "The student has no static input size, so synthetic eval images "
-                "cannot be made: pass `eval_images`."
-            )
-        rng = np.random.default_rng(0)
-        eval_images = rng.uniform(-1, 1, (64, size, size, 3)).astype(np.float32)
-    report = export_all(
-        model,
-        out_dir,
-        formats,
-        eval_images=eval_images,
-        representative_data=representative_data,
-        overwrite=overwrite,
-    )
-    if synthetic:
-        report["eval_data"] = "synthetic"
-        (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    return report
-
-
-def workdir_images(workdir: Path, num_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """(test images, train images for calibration) of a workdir's dataset, eval views."""
-    from funmatch_keras import data, sources
-
-    config = json.loads((workdir / "config.json").read_text())
-
-    def images(split):
-        source = sources.source_for(config["dataset"], split, config.get("data_dir"))
-        batches = data.eval_pipeline(source, size=config["student_size"], batch_size=256)
-        batches = batches.take(-(-num_images // 256)).as_numpy_iterator()
-        return np.concatenate([x for x, _ in batches])[:num_images]
-
-    return images("test"), images("train")
-
-
-# --------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------
-
-
-def _static_size(model: keras.Model) -> int | None:
-    """The model's square input size S, or None if it is not static."""
     shape = tuple(model.inputs[0].shape) if model.inputs else ()
     if len(shape) != 4 or shape[1] is None or shape[1] != shape[2]:
         return None
     return int(shape[1])
 
 
-def _image_size(model: keras.Model, image_size: int | None) -> int:
-    size = image_size or _static_size(model)
-    if size is None:
-        shape = tuple(model.inputs[0].shape) if model.inputs else None
-        raise ValueError(
-            "Cannot read a static square image size from the model's input shape; "
-            f"pass `image_size=`. Received: input shape {shape}"
-        )
-    return int(size)
-
-
 def _check_writable(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(
-            f"{path} already exists; pass --overwrite (overwrite=True) to replace it."
-        )
+            f"{path} already exists; pass --overwrite (overwrite=True) to replace it.")
 
 
 @contextlib.contextmanager
 def _atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields a temporary sibling of `path`, renamed to `path` on success only."""
+    """Yields a temporary sibling of `path` (file or directory), renamed on success."""
     _check_writable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")

@@ -1,4 +1,6 @@
-"""`fit_resumably`: Keras `fit` that can start in the middle of an epoch;
+"""The resumable training loop: checkpointed Keras `fit` that restarts at any step.
+
+`fit_resumably`: Keras `fit` that can start in the middle of an epoch;
 `fit_with_checkpoints`: that, checkpointed, resuming from the last checkpoint.
 
 A run killed at global step `s` restarts from its last checkpoint; `fit` only
@@ -10,17 +12,62 @@ are exactly those of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from typing import Callable, Sequence
+import signal
+import threading
+import time
+from typing import Callable, Iterator, Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
-from funmatch_keras.checkpoint import CheckpointCallback, CheckpointManager
+from funmatch_keras.checkpoint import CheckpointManager, NonFiniteWeightsError
 
 
 class TrainingError(RuntimeError):
     """Training stopped early (e.g. a NaN loss); checkpoints are intact."""
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint; rerun to resume."""
+
+
+# Sent before a machine is taken away (cloud VMs, spot instances) and by Ctrl-C.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals(callback: "CheckpointCallback") -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT ask `callback` to save and stop.
+
+    The first signal is handled (the step in flight finishes, a checkpoint is
+    saved, `fit` returns); the default handlers are then back, so a second
+    Ctrl-C exits at once, leaving the last complete checkpoint intact (writes
+    are atomic). Outside the main thread signals cannot be caught: no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+
+    def handle(signum, frame):
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        name = signal.Signals(signum).name
+        print(f"Received {name}: saving a checkpoint after this step "
+              "(send it again to stop at once).", flush=True)
+        callback.request_stop(name)
+
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def fit_resumably(
@@ -81,6 +128,7 @@ def fit_with_checkpoints(
     keep: int,
     steps_per_epoch: int,
     epochs: int,
+    every_minutes: float | None = None,
     name: str = "training",
     saved: keras.Model | None = None,
     is_chief: bool = True,
@@ -98,6 +146,7 @@ def fit_with_checkpoints(
         make_dataset: `fn(step) -> tf.data.Dataset` yielding batches from `step` on.
         checkpoint_dir: str. Where the checkpoints are.
         every_steps: int. Steps between checkpoints.
+        every_minutes: float or None. Wall-clock minutes between checkpoints.
         keep: int. Most recent checkpoints kept.
         steps_per_epoch: int. Steps of a whole epoch.
         epochs: int. Total epochs of the run.
@@ -114,6 +163,7 @@ def fit_with_checkpoints(
     Raises:
         TrainingError: training stopped early (a NaN loss); the message names the
             last good checkpoint.
+        Preempted: a SIGTERM/SIGINT stopped training after saving.
 
     Example:
     >>> import tempfile, numpy as np
@@ -135,10 +185,156 @@ def fit_with_checkpoints(
         # Always said, whatever the verbosity: a resumed run must be visible in the log.
         print(f"Resuming {name} from step {start} of {steps_per_epoch * epochs} "
               f"({manager.latest()[1]}).", flush=True)
-    checkpoints = CheckpointCallback(manager, every_steps, saved, is_chief=is_chief)
-    step = fit_resumably(model, make_dataset, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                         start_step=start, callbacks=[checkpoints, *callbacks],
-                         should_stop=lambda: bool(checkpoints.stopped_reason), **fit_kwargs)
+    checkpoints = CheckpointCallback(manager, every_steps, saved, is_chief=is_chief,
+                                     every_minutes=every_minutes)
+    with stop_on_signals(checkpoints):
+        step = fit_resumably(
+            model, make_dataset, steps_per_epoch=steps_per_epoch, epochs=epochs,
+            start_step=start, callbacks=[checkpoints, *callbacks],
+            should_stop=lambda: bool(checkpoints.stopped_reason or checkpoints.stop_requested),
+            **fit_kwargs)
     if checkpoints.stopped_reason:
         raise TrainingError(f"{name.capitalize()} stopped: {checkpoints.stopped_reason}.")
+    if checkpoints.stop_requested:
+        saved_at = checkpoints.last_saved_step
+        raise Preempted(
+            f"{name.capitalize()} stopped by {checkpoints.stop_requested} at step "
+            f"{saved_at} of {steps_per_epoch * epochs}; checkpoint "
+            f"{manager.path_for(saved_at)} saved. Rerun the same command to resume.")
     return step
+
+
+def _global_step(optimizer: keras.optimizers.Optimizer) -> int:
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves the student and optimizer on a step and a wall-clock cadence, and at the end.
+
+    A checkpoint is written when the global step crosses a multiple of
+    `every_steps`, when `every_minutes` have passed since the last one, when
+    training ends, and when `request_stop` was called (a preemption signal):
+    never merely because a dataset epoch ended, since the paper's small
+    datasets have epochs of 2 steps. The global step is the optimizer's
+    `iterations`, so counting survives restarts. A step is never saved twice.
+    When a batch's loss is NaN/inf, or the weights became non-finite, training
+    stops without saving, and the log says which checkpoint is the last good one.
+
+    Args:
+        manager: `CheckpointManager`.
+        every_steps: int. Save when the global step crosses a multiple of it.
+        student: `keras.Model`. The model saved (e.g. `distiller.student`).
+        get_metadata: callable returning a JSON-serializable dict stored with
+            each checkpoint (e.g. the config and data position). Defaults to None.
+        is_chief: bool. Only the chief writes; other workers do nothing.
+            Defaults to `True`.
+        every_minutes: float or None. Also save when this much wall time has
+            passed since the last save. Defaults to None (steps only).
+        clock: callable returning seconds (tests inject one). Defaults to
+            `time.monotonic`.
+
+    Example:
+    >>> import tempfile
+    >>> import numpy as np
+    >>> student = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> student.compile(optimizer="sgd", loss="mse")
+    >>> manager = CheckpointManager(tempfile.mkdtemp(), keep=5)
+    >>> callback = CheckpointCallback(manager, every_steps=3, student=student)
+    >>> _ = student.fit(np.ones((8, 2)), np.ones((8, 1)), batch_size=2, epochs=2,
+    ...                 callbacks=[callback], verbose=0)
+    >>> manager.all_steps()  # every 3 steps and at the end, not at epoch ends (4)
+    [3, 6, 8]
+    """
+
+    def __init__(
+        self,
+        manager: CheckpointManager,
+        every_steps: int,
+        student: keras.Model,
+        get_metadata: Callable[[], dict] | None = None,
+        is_chief: bool = True,
+        every_minutes: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__()
+        if not isinstance(every_steps, int) or every_steps < 1:
+            raise ValueError(
+                f"`every_steps` must be an int >= 1. Received: every_steps={every_steps!r}"
+            )
+        if every_minutes is not None and not every_minutes > 0:
+            raise ValueError(f"`every_minutes` must be > 0 or None. Received: "
+                             f"every_minutes={every_minutes!r}")
+        self.manager = manager
+        self.every_steps = every_steps
+        self.every_seconds = None if every_minutes is None else 60.0 * every_minutes
+        self.student = student
+        self.get_metadata = get_metadata
+        self.is_chief = is_chief
+        self.clock = clock
+        latest = manager.latest()
+        self.last_saved_step = latest[0] if latest else None
+        self.stopped_reason: str | None = None
+        self.stop_requested: str | None = None  # e.g. "SIGTERM", set by `request_stop`
+        self._last_save_time = clock()
+        self._epoch = 0
+        self._epoch_start_step = self._step = 0
+
+    def request_stop(self, reason: str) -> None:
+        """Save at the end of the current step and stop training (safe in a signal handler)."""
+        self.stop_requested = reason
+
+    def _stop(self, reason: str) -> None:
+        latest = self.manager.latest()
+        good = f"step {latest[0]}" if latest else "none (no checkpoint was saved)"
+        self.stopped_reason = f"{reason}; the last good checkpoint is {good}"
+        logging.error("%s", self.stopped_reason)
+        self.model.stop_training = True
+
+    def _save(self, epoch: int) -> None:
+        # Read through `self.model`: under JAX, accessing it syncs the training
+        # state back into the variables before we read them.
+        optimizer = self.model.optimizer
+        step = _global_step(optimizer)
+        if not self.is_chief or self.stopped_reason or step == self.last_saved_step:
+            return
+        metadata = self.get_metadata() if self.get_metadata else {}
+        try:
+            self.manager.save(step, self.student, optimizer, metadata, epoch=epoch)
+        except NonFiniteWeightsError:
+            self._stop(f"weights became NaN/inf at step {step}")
+            return
+        self.last_saved_step = step
+        self._last_save_time = self.clock()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.stopped_reason = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+        self._epoch_start_step = _global_step(self.model.optimizer)
+        self._step = self._epoch_start_step
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # The step is counted here rather than read from the optimizer: under
+        # JAX, reading a variable mid-epoch forces a full state sync.
+        previous, self._step = self._step, self._epoch_start_step + batch + 1
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._stop(f"loss became NaN at step {self._step}")
+            return
+        if self.stop_requested:
+            self._save(epoch=self._epoch)
+            self.model.stop_training = True
+            return
+        # `//` rather than `%`: with steps_per_execution > 1 a multiple can be skipped.
+        due = self._step // self.every_steps > previous // self.every_steps
+        if not due and self.every_seconds is not None:
+            due = self.clock() - self._last_save_time >= self.every_seconds
+        if due:
+            self._save(epoch=self._epoch)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch + 1  # completed: a save at the end records it
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._save(epoch=self._epoch)

@@ -6,7 +6,16 @@ import keras
 from keras import ops
 
 
-def _check_temperature(temperature: float) -> float:
+def check_temperature(temperature: float) -> float:
+    """Returns `temperature` as a float, or raises a `ValueError` unless it is > 0.
+
+    Shared by `DistillationKL` and `Distiller`, so both reject the same values
+    with the same message.
+
+    Example:
+    >>> check_temperature(2)
+    2.0
+    """
     if not temperature > 0:
         raise ValueError(
             "`temperature` must be > 0 (the paper sweeps 1, 2, 5, 10). "
@@ -62,7 +71,7 @@ class DistillationKL(keras.losses.Loss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
 
     def call(self, y_true, y_pred):
         kl = kl_divergence_from_logits(y_true, y_pred, self.temperature)

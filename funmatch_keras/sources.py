@@ -1,4 +1,4 @@
-"""Labelled image sources: tfds datasets, TFRecord shards, image folders, arrays.
+"""Labelled image sources: the `Source` type, tfds datasets, arrays, digits.
 
 A `Source` knows its size and class count and yields, in a fixed order, dicts
 `{"image", "label": int32, "index": int64}` where `index` is the example's stable
@@ -6,7 +6,9 @@ position (the key of cached teacher logits). `image` is either encoded bytes
 (JPEG/PNG, `encoded=True`; the train pipeline then decodes only the crop) or a
 decoded `[H, W, 3]` array with pixel values in `[0, 255]`.
 
-Decoding happens in `funmatch_keras.data`, where corrupt images are counted.
+TFRecord shards and image folders are in `funmatch_keras.file_sources`.
+Decoding happens in `funmatch_keras.views`, and corrupt images are counted in
+`funmatch_keras.stream`.
 """
 
 from __future__ import annotations
@@ -20,28 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """A tfds dataset of the paper with its train / validation / test splits."""
-
-    tfds_name: str
-    train: str
-    validation: str
-    test: str
-
-
-# Paper Sec. 4 / big_vision configs: 10% of train is the validation set where the
-# dataset has no separate one; SUN397's "tfds" config ships its own 70/10/20 split.
-PRESETS: dict[str, Preset] = {
-    "pets37": Preset("oxford_iiit_pet", "train[:90%]", "train[90%:]", "test"),
-    "flowers102": Preset("oxford_flowers102", "train", "validation", "test"),
-    "food101": Preset("food101", "train[:90%]", "train[90%:]", "validation"),
-    "sun397": Preset("sun397/tfds", "train", "validation", "test"),
-    "imagenet2012": Preset("imagenet2012", "train[:98%]", "train[98%:]", "validation"),
-}
-SPLIT_ROLES = ("train", "validation", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+from funmatch_keras.recipe import DIGITS, PRESETS, SPLIT_ROLES, split_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +50,6 @@ class Source:
     num_files: int = 0
     shard_by_file: Callable[[int, int], "Source"] | None = dataclasses.field(
         default=None, repr=False)
-
-    @property
-    def is_files(self) -> bool:
-        """Whether `shard` splits this source by file (tf.data's FILE policy)."""
-        return self.shard_by_file is not None
 
     def dataset(self) -> tf.data.Dataset:
         """Examples as `{"image", "label": int32, "index": int64}`, labels checked.
@@ -146,21 +122,6 @@ class Source:
         if "index" not in ds.element_spec:
             ds = ds.enumerate().map(lambda index, ex: {**ex, "index": index})
         return ds
-
-
-def split_names(preset: str) -> dict[str, str]:
-    """The tfds split strings a preset uses for training, validation and test.
-
-    Example:
-    >>> split_names("pets37")["validation"]
-    'train[90%:]'
-    """
-    if preset not in PRESETS:
-        raise ValueError(
-            f"Unknown preset. Expected one of {sorted(PRESETS)}. Received: {preset=}"
-        )
-    p = PRESETS[preset]
-    return {"train": p.train, "validation": p.validation, "test": p.test}
 
 
 def tfds_source(
@@ -237,144 +198,6 @@ def _not_prepared_message(tfds_name: str, builder) -> str:
     return f"tfds dataset {tfds_name!r} is not prepared in {data_dir}: {how}."
 
 
-def tfrecord_source(
-    pattern: str,
-    image_key: str = "image",
-    label_key: str = "class",
-    num_classes: int | None = None,
-) -> Source:
-    """TFRecord shards of `tf.train.Example`s holding encoded images and int labels.
-
-    Counts the records of each file once (a parallel pass that decodes no
-    image). Example indices number the records file by file, in sorted file
-    order, so they do not depend on the read order or on sharding by file.
-
-    Args:
-        pattern: str. Glob of the shard files, e.g. `"/data/train-*"`.
-        image_key: str. Feature with the JPEG/PNG bytes. Defaults to `"image"`.
-        label_key: str. int64 feature with the class index. Defaults to `"class"`.
-        num_classes: int. Defaults to the largest label + 1 (one more cheap pass).
-
-    Returns:
-        A `Source` of encoded images, split by file when sharded.
-
-    Example:
-    >>> src = tfrecord_source("/data/pets/train-*", num_classes=37)  # doctest: +SKIP
-    """
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise ValueError(f"No TFRecord files match {pattern!r}.")
-    features = {
-        # Defaults turn a missing image into a counted decode failure and a
-        # missing label into a label error naming the example.
-        image_key: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        label_key: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-    }
-    counts = tf.data.Dataset.from_tensor_slices(files).map(
-        lambda f: _count_records(tf.data.TFRecordDataset(f)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    counts = np.fromiter(counts.as_numpy_iterator(), np.int64, len(files))
-    if counts.sum() == 0:
-        raise ValueError(f"The TFRecord files matching {pattern!r} hold no records.")
-    first_index = np.cumsum(counts) - counts
-
-    def records(file_ids: np.ndarray) -> tf.data.Dataset:
-        """`(index, serialized record)` of the given files."""
-        def read(path, first):
-            return tf.data.TFRecordDataset(path).enumerate(start=first)
-
-        # Fixed cycle length and deterministic order: reproducible runs.
-        return tf.data.Dataset.from_tensor_slices(
-            ([files[i] for i in file_ids], first_index[file_ids])).interleave(
-                read, cycle_length=min(8, len(file_ids)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-    if num_classes is None:
-        label_feature = {label_key: features[label_key]}
-        labels = records(np.arange(len(files))).map(lambda i, r: r).batch(1024).map(
-            lambda r: tf.io.parse_example(r, label_feature)[label_key])
-        max_label = labels.reduce(tf.constant(-1, tf.int64),
-                                  lambda m, x: tf.maximum(m, tf.reduce_max(x)))
-        num_classes = int(max_label) + 1
-
-    def source(file_ids: np.ndarray, name: str) -> Source:
-        def make_dataset():
-            def parse(index, record):
-                ex = tf.io.parse_single_example(record, features)
-                return {"image": ex[image_key], "label": ex[label_key], "index": index}
-
-            return records(file_ids).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
-                                         deterministic=True)
-
-        return Source(
-            name=name,
-            num_examples=int(counts[file_ids].sum()),
-            num_classes=num_classes,
-            encoded=True,
-            make_dataset=make_dataset,
-            num_files=len(file_ids),
-            shard_by_file=lambda n, i: source(file_ids[i::n], f"{name}[{i}::{n}]"),
-        )
-
-    return source(np.arange(len(files)), f"tfrecord:{pattern}")
-
-
-def folder_source(root: str) -> Source:
-    """Images in `root/<class_name>/*.{jpg,jpeg,png}`; classes sorted by name.
-
-    Grayscale, RGBA and palette PNGs are converted to RGB when decoded.
-
-    Args:
-        root: str. Directory with one sub-directory per class.
-
-    Returns:
-        A `Source` of encoded images, ordered by class name then file name
-        (split by file when sharded).
-
-    Example:
-    >>> src = folder_source("/data/my_flowers")  # doctest: +SKIP
-    >>> src.num_classes  # doctest: +SKIP
-    5
-    """
-    if not tf.io.gfile.isdir(root):
-        raise ValueError(f"Image folder {root!r} does not exist.")
-    classes = sorted(
-        d.rstrip("/") for d in tf.io.gfile.listdir(root)
-        if tf.io.gfile.isdir(os.path.join(root, d))
-    )
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(tf.io.gfile.listdir(os.path.join(root, name)))
-        for f in files:
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(root, name, f))
-                labels.append(label)
-    if not paths:
-        raise ValueError(
-            f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}/<class>/."
-        )
-    paths, labels = np.array(paths), np.array(labels, np.int32)
-
-    def source(ids: np.ndarray, name: str) -> Source:
-        def make_dataset():
-            ds = tf.data.Dataset.from_tensor_slices((ids, paths[ids], labels[ids]))
-            return ds.map(
-                lambda i, p, y: {"image": tf.io.read_file(p), "label": y, "index": i},
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-        return Source(
-            name=name,
-            num_examples=len(ids),
-            num_classes=len(classes),
-            encoded=True,
-            make_dataset=make_dataset,
-            num_files=len(ids),
-            shard_by_file=lambda n, i: source(ids[i::n], f"{name}[{i}::{n}]"),
-        )
-
-    return source(np.arange(len(paths), dtype=np.int64), f"folder:{root}")
-
-
 def array_source(
     images: np.ndarray,
     labels: np.ndarray,
@@ -444,12 +267,8 @@ def array_source(
     )
 
 
-def _count_records(ds: tf.data.Dataset) -> tf.Tensor:
-    return ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
-
-
 def _count(ds: tf.data.Dataset) -> int:
-    return int(_count_records(ds))
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
 
 
 # The bundled offline dataset: scikit-learn's 1,797 8x8 digits (values 0..16).
@@ -500,6 +319,6 @@ def source_for(dataset: str, split: str, data_dir: str | None = None) -> Source:
     >>> source_for("digits", "test").num_examples
     540
     """
-    if dataset == "digits":
+    if dataset == DIGITS:
         return digits_source(split)
     return tfds_source(dataset, split=split, data_dir=data_dir)

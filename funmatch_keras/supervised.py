@@ -1,4 +1,10 @@
-"""`funmatch train-teacher`: fine-tune a teacher with labels by the BiT-HyperRule.
+"""Training with labels: the one path for teachers and label-trained baselines.
+
+`fit_with_labels` trains any model with cross-entropy from labelled crops,
+under the run's replication, checkpointed and resumable like distillation. It
+serves `funmatch train-teacher` (`train_teacher`, the BiT-HyperRule below), a
+teacher that `funmatch distill` or the demo must train first
+(`train_missing_teachers`, the paper's AdamW), and the demo's baseline.
 
 The paper's teachers are BiT models fine-tuned on each dataset with the
 BiT-HyperRule (Kolesnikov et al., "Big Transfer (BiT)", ECCV 2020): SGD with
@@ -7,17 +13,24 @@ on the dataset size (500 steps under 20k examples, 10k under 500k, else 20k),
 a linear warmup of 500 steps (capped at 10% of the run here, for tiny runs),
 and decays by 10× at 30%, 60% and 90% of it. The teacher is saved as
 `<workdir>/teacher.keras`, which `funmatch distill --config.teacher=...` takes.
-The run checkpoints and resumes like `funmatch distill`.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Sequence
 
 import keras
 import ml_collections
+from absl import logging
 
-from funmatch_keras import configs, data, loop, models, sources
+from funmatch_keras import build, configs, data, distribute, loop, workdir as workdirs
+from funmatch_keras.configs import TeacherSpec
+
+# A teacher trained here with labels sees milder crops than the student: labels
+# no longer describe a crop of a few percent of the image (unlike the teacher's
+# soft outputs, which the student matches on any crop).
+TEACHER_CROP_AREA_MIN = 0.5
 
 BIT_BASE_LR = 0.003  # per 512 examples
 BIT_MOMENTUM = 0.9
@@ -71,9 +84,109 @@ def bit_hyperrule_optimizer(batch_size: int, total_steps: int) -> keras.optimize
     return keras.optimizers.SGD(learning_rate=schedule, momentum=BIT_MOMENTUM)
 
 
+def fit_with_labels(
+    model: keras.Model,
+    config: ml_collections.ConfigDict,
+    source,
+    *,
+    size: int,
+    optimizer: keras.optimizers.Optimizer,
+    steps_per_epoch: int,
+    epochs: int,
+    checkpoint_dir: str,
+    replicas: distribute.Replication,
+    seed: int,
+    area_range: tuple[float, float],
+    name: str,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 1,
+    **fit_kwargs: Any,
+) -> keras.Model:
+    """Cross-entropy training on consistent crops, resuming from `checkpoint_dir`.
+
+    Call it inside `replicas.scope()`, where `model` and `optimizer` were
+    built. Batches come from `replicas.train_dataset`, so several workers each
+    read their own shard. `config` gives the batch size, flips, checkpoint
+    cadence and `jit_compile`.
+
+    Returns:
+        `model`, trained.
+    """
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=build.jit_compile(config.jit_compile))
+
+    def make_dataset(step: int):
+        def pipeline(input_context):
+            return data.train_pipeline(
+                source, mode="consistent", batch_size=config.batch_size, student_size=size,
+                seed=seed, shuffle_buffer=min(source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
+                area_range=area_range, flip=config.flip, with_labels=True, start_step=step,
+                num_replicas=replicas.num_replicas, input_context=input_context)
+
+        return replicas.train_dataset(pipeline)
+
+    loop.fit_with_checkpoints(
+        model, make_dataset, checkpoint_dir=checkpoint_dir,
+        every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
+        every_minutes=config.checkpoint_every_minutes,
+        steps_per_epoch=steps_per_epoch, epochs=epochs, name=name,
+        is_chief=replicas.is_chief, callbacks=callbacks, verbose=verbose, **fit_kwargs)
+    return model
+
+
+def epoch_warmup_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                           epochs: int) -> keras.optimizers.Optimizer:
+    """The paper's AdamW + cosine for label training, warmed up over one epoch."""
+    return build.optimizer(config, steps_per_epoch * epochs, warmup_steps=steps_per_epoch)
+
+
+def train_missing_teachers(config: ml_collections.ConfigDict, workdir: str, source,
+                           replicas: distribute.Replication, verbose: int = 1) -> None:
+    """Trains with labels each teacher of the config that has no weights yet.
+
+    Each is saved where `build.teachers` loads it (`workdir.trained_teacher_path`);
+    one trained by an earlier run is kept. Call it inside `replicas.scope()`.
+
+    Raises:
+        ValueError: a teacher without weights and `config.teacher_epochs` unset.
+    """
+    specs = configs.teacher_specs(config)
+    for index, spec in enumerate(specs):
+        path = workdirs.trained_teacher_path(workdir, index, len(specs))
+        if not build.needs_labels(spec) or os.path.exists(path):
+            continue
+        if not config.teacher_epochs:
+            raise ValueError(
+                f"The teacher {spec.model!r} has no weights: set --config.teacher_weights "
+                "to a checkpoint, --config.teacher to a .keras file, or "
+                "--config.teacher_epochs > 0 to train it with labels first."
+            )
+        _train_for_distillation(config, spec, index, path, source, replicas, verbose)
+
+
+def _train_for_distillation(config, spec: TeacherSpec, index: int, path: str, source,
+                            replicas, verbose: int) -> None:
+    logging.info("Training the teacher %s with labels for %d epochs.", spec.model,
+                 config.teacher_epochs)
+    num_classes = build.num_classes(config, source)
+    teacher = build.untrained_teacher(config, spec, num_classes)
+    steps = data.steps_per_epoch(source, config.batch_size)
+    fit_with_labels(
+        teacher, config, source, size=spec.size,
+        optimizer=epoch_warmup_optimizer(config, steps, config.teacher_epochs),
+        steps_per_epoch=steps, epochs=config.teacher_epochs,
+        checkpoint_dir=workdirs.teacher_checkpoint_dir(os.path.dirname(path), index),
+        replicas=replicas, seed=config.seed + 1,
+        area_range=(max(config.crop_area_min, TEACHER_CROP_AREA_MIN), 1.0),
+        name="teacher training", verbose=verbose)
+    if replicas.is_chief:
+        workdirs.save_model(teacher, path)
+
+
 def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int = 1,
-                  overwrite: bool = False) -> str:
-    """Fine-tunes `config.teacher` (from `config.teacher_weights`) on the dataset's labels.
+                  overwrite: bool = False, strategy: Any = None) -> str:
+    """Fine-tunes the config's (first) teacher on the dataset's labels, BiT-HyperRule.
 
     Args:
         config: a config from `funmatch_keras.configs` (the teacher fields are used).
@@ -81,6 +194,7 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
             result to `workdir/teacher.keras`.
         verbose: int. Keras verbosity. Defaults to 1.
         overwrite: bool. Allow a workdir that holds another config.
+        strategy: as for `train.run`. Defaults to None (`FUNMATCH_STRATEGY`, else auto).
 
     Returns:
         The path of the saved teacher.
@@ -88,45 +202,34 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
     Example:
     >>> train_teacher(configs.load_config("pets37:smoke=True"), "/tmp/t")  # doctest: +SKIP
     """
-    from funmatch_keras import train  # train imports this module's users; keep it lazy
-
     configs.validate(config)
-    train.prepare_workdir(workdir, config, overwrite)
+    replicas = distribute.replication(strategy)
+    distribute.check_batch_size(config.batch_size, replicas.num_replicas)
+    workdirs.prepare(workdir, config, overwrite)
     keras.utils.set_random_seed(config.seed)
-    source = sources.source_for(config.dataset, "train", config.data_dir)
-    num_classes = config.num_classes or source.num_classes
-    spec = train._as_list(config.teacher)[0]
-    size = train._as_list(config.teacher_size)[0] or config.student_size
-    teacher = models.build(spec, num_classes, size, dtype=config.teacher_dtype or config.dtype)
-    weights = train._as_list(config.teacher_weights)[0]
-    if weights:  # pretrained backbone; a head of another class count stays zero
-        train.load_weights(teacher, weights)
-    steps_per_epoch = config.steps_per_epoch or data.steps_per_epoch(source, config.batch_size)
+    source = build.source(config, "train")
+    spec = configs.teacher_specs(config)[0]
+    steps_per_epoch = build.steps_per_epoch(config, source)
     total_steps = bit_hyperrule_steps(source.num_examples)
     if config.steps_per_epoch:  # smoke runs: the config's tiny schedule wins
         total_steps = steps_per_epoch * config.epochs
     epochs = max(1, -(-total_steps // steps_per_epoch))
-    teacher.compile(optimizer=bit_hyperrule_optimizer(config.batch_size, total_steps),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                    metrics=["accuracy"])
-    def make_dataset(step):
-        return data.train_pipeline(
-            source, mode="consistent", batch_size=config.batch_size, student_size=size,
-            seed=config.seed, start_step=step, with_labels=True,
-            shuffle_buffer=min(source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
-            area_range=(config.crop_area_min, 1.0), flip=config.flip)
-
-    val = data.eval_pipeline(sources.source_for(config.dataset, "validation", config.data_dir),
-                             size=size, batch_size=config.eval_batch_size)
-    loop.fit_with_checkpoints(
-        teacher, make_dataset, checkpoint_dir=os.path.join(workdir, "teacher_checkpoints"),
-        every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
-        steps_per_epoch=steps_per_epoch, epochs=epochs, name="teacher training",
-        validation_data=val, validation_freq=max(1, epochs // 5), verbose=verbose)
+    val = data.eval_pipeline(build.source(config, "validation"), size=spec.size,
+                             batch_size=config.eval_batch_size)
+    with replicas.scope():
+        # A pretrained backbone; a head of another class count stays zero.
+        teacher = build.untrained_teacher(config, spec, build.num_classes(config, source))
+        fit_with_labels(
+            teacher, config, source, size=spec.size,
+            optimizer=bit_hyperrule_optimizer(config.batch_size, total_steps),
+            steps_per_epoch=steps_per_epoch, epochs=epochs,
+            checkpoint_dir=workdirs.teacher_checkpoint_dir(workdir), replicas=replicas,
+            seed=config.seed, area_range=(config.crop_area_min, 1.0),
+            name="teacher training", validation_data=val,
+            validation_freq=max(1, epochs // 5), verbose=verbose)
     path = os.path.join(workdir, "teacher.keras")
-    tmp = os.path.join(workdir, f".teacher-{os.getpid()}.keras")
-    teacher.save(tmp)
-    os.replace(tmp, path)
+    if replicas.is_chief:
+        workdirs.save_model(teacher, path)
     if verbose:
         print(f"Wrote {path}: use --config.teacher={path} with `funmatch distill`.")
     return path

@@ -13,7 +13,8 @@ import pytest
 
 import funmatch_keras as fm
 from funmatch_keras import checkpoint, optim
-from funmatch_keras.checkpoint import CheckpointCallback, CheckpointManager
+from funmatch_keras.checkpoint import CheckpointManager
+from funmatch_keras.loop import CheckpointCallback
 
 BATCH = 4
 
@@ -182,7 +183,7 @@ def test_nan_weights_refuse_to_save(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000000001"]
 
 
-def test_callback_saves_every_steps_and_each_epoch(tmp_path, teacher):
+def test_callback_saves_every_steps_and_at_the_end_not_at_epoch_ends(tmp_path, teacher):
     student = make_student()
     distiller = make_distiller(teacher, student, adamw())
     manager = CheckpointManager(str(tmp_path), keep=10)
@@ -191,7 +192,7 @@ def test_callback_saves_every_steps_and_each_epoch(tmp_path, teacher):
     )
     distiller.fit(data(), batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
                   callbacks=[callback])
-    assert manager.all_steps() == [3, 4, 6, 8]
+    assert manager.all_steps() == [3, 6, 8]  # epochs of 4 steps end at 4 and 8
     with open(os.path.join(manager.path_for(6), "state.json")) as f:
         state = json.load(f)
     assert (state["step"], state["epoch"], state["metadata"]) == (6, 1, {"run": "a"})
@@ -235,11 +236,11 @@ def test_callback_stops_when_weights_become_nan(tmp_path, teacher):
     distiller.fit(data(), batch_size=BATCH, epochs=1, verbose=0, callbacks=[callback])
     assert manager.all_steps() == [4]
     # A loss can still be finite when an update makes weights non-finite: the
-    # save at the next epoch end must refuse and stop training.
+    # next save (here the one at the end of training) must refuse and stop training.
     kernel = student.layers[-1].kernel
     kernel.assign(np.full(kernel.shape, np.inf, "float32"))
     distiller.optimizer.iterations.assign(5)
-    callback.on_epoch_end(1)
+    callback.on_train_end()
     assert manager.all_steps() == [4]
     assert distiller.stop_training
     assert callback.stopped_reason == (
@@ -281,7 +282,8 @@ def test_jax_backend_round_trip(tmp_path):
         import keras, numpy as np
         import funmatch_keras as fm
         from funmatch_keras import optim
-        from funmatch_keras.checkpoint import CheckpointCallback, CheckpointManager
+        from funmatch_keras.checkpoint import CheckpointManager
+        from funmatch_keras.loop import CheckpointCallback
 
         def student(seed):
             keras.utils.set_random_seed(seed)
@@ -295,7 +297,7 @@ def test_jax_backend_round_trip(tmp_path):
         x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
         d.fit(x, batch_size=4, epochs=2, shuffle=False, verbose=0,
               callbacks=[CheckpointCallback(manager, every_steps=3, student=s)])
-        assert manager.all_steps() == [3, 4, 6, 8], manager.all_steps()
+        assert manager.all_steps() == [3, 6, 8], manager.all_steps()
         fresh, opt = student(5), optim.adamw(1e-2, 1e-3, total_steps=8, warmup_steps=2)
         assert manager.restore(fresh, opt)["step"] == 8
         for a, b in zip(s.weights, fresh.weights):

@@ -1,3 +1,4 @@
+import json
 """Tests for funmatch_keras.configs: shipped configs, Table 4, overrides, storage."""
 
 import pytest
@@ -42,10 +43,17 @@ def test_list_configs():
     ]
 
 
-def test_modes_match_the_data_pipeline():
-    from funmatch_keras import data
+def test_every_config_mode_builds_a_data_pipeline():
+    import numpy as np
 
-    assert common.MODES == data.MODES
+    from funmatch_keras import data, sources
+
+    src = sources.array_source(np.zeros([4, 8, 8, 3], np.uint8), np.arange(4) % 2)
+    for mode in common.MODES:
+        logits = np.zeros([4, 2], np.float32) if mode == "fixed_teacher" else None
+        batch = next(iter(data.train_pipeline(src, mode=mode, batch_size=2, student_size=8,
+                                              seed=0, teacher_logits=logits)))
+        assert batch is not None, mode
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
@@ -292,3 +300,72 @@ def test_eval_every_epochs():
     assert configs.eval_every_epochs(configs.apply_overrides(config, {"epochs": "3"})) == 1
     config = configs.apply_overrides(config, {"eval_every_epochs": "7"})
     assert configs.eval_every_epochs(config) == 7
+
+
+# -- teachers as a list of sub-configs ------------------------------------------
+
+
+def test_teachers_list_and_shorthand_name_the_same_teachers():
+    shorthand = configs.load_config("imagenet:ensemble=True")
+    listed = configs.apply_overrides(shorthand, {
+        "teachers": "[{'model': 'bit_r152x2', 'size': 224}, "
+                    "{'model': 'bit_r152x2', 'size': 384, 'weights': None}]",
+        "teacher": "bit_r152x2", "teacher_size": "None"})
+    configs.validate(listed)
+    expected = [configs.TeacherSpec("bit_r152x2", None, 224),
+                configs.TeacherSpec("bit_r152x2", None, 384)]
+    assert configs.teacher_specs(shorthand) == configs.teacher_specs(listed) == expected
+    assert configs.teacher_sizes(listed) == [224, 384]
+    # A workdir written with one form accepts the other.
+    assert configs.diff(shorthand, listed) == {}
+    assert "teachers" in configs.diff(shorthand, configs.apply_overrides(
+        listed, {"teachers": "[{'model': 'bit_r50x1'}]"}))
+
+
+def test_one_teacher_shorthand_defaults_its_size_to_the_student():
+    config = configs.load_config("pets37")
+    assert configs.teacher_specs(config) == [configs.TeacherSpec("bit_r152x2", None, 128)]
+    config = configs.apply_overrides(config, {"teacher_weights": "/w.npz",
+                                              "teacher_size": "224"})
+    assert configs.teacher_specs(config) == [configs.TeacherSpec("bit_r152x2", "/w.npz", 224)]
+    assert configs.teacher_sizes(config) == 224
+
+
+@pytest.mark.parametrize("teachers,message", [
+    ("[]", "non-empty list"),
+    ("['bit_r50x1']", "must hold dicts"),
+    ("[{'modle': 'bit_r50x1'}]", "unknown keys \\['modle'\\]"),
+    ("[{'model': 'bit_r50x1', 'size': 0}]", "'size' must be a positive int"),
+    ("[{'model': 'bit_r50x1', 'weights': 3}]", "'weights' must be a path"),
+])
+def test_bad_teachers_lists_are_clear_errors(teachers, message):
+    config = configs.apply_overrides(configs.load_config("digits"), {"teachers": teachers})
+    with pytest.raises(ValueError, match=message):
+        configs.validate(config)
+
+
+def test_teachers_list_refuses_shorthand_weights_beside_it():
+    config = configs.apply_overrides(configs.load_config("digits"), {
+        "teachers": "[{'model': 'cnn:8'}]", "teacher_weights": "/w.npz"})
+    with pytest.raises(ValueError, match="teacher_weights must be None when `teachers`"):
+        configs.validate(config)
+
+
+def test_smoke_shrinks_a_teachers_list():
+    config = configs.apply_overrides(configs.load_config("imagenet"), {
+        "teachers": "[{'model': 'bit_r152x2', 'size': 224}, {'model': 'bit_r152x2', "
+                    "'size': 384}]"})
+    from funmatch_keras.configs.common import SMOKE_TEACHER, shrink_for_smoke
+    small = shrink_for_smoke(config)
+    specs = configs.teacher_specs(small)
+    assert [s.model for s in specs] == [SMOKE_TEACHER] * 2
+    assert specs[0].size < specs[1].size
+
+
+def test_config_json_of_an_older_version_gets_new_fields_as_defaults():
+    current = configs.load_config("digits")
+    old = json.loads(configs.to_json(current))
+    del old["teachers"]  # a config.json written before `teachers` existed
+    restored = configs.from_json(json.dumps(old))
+    configs.validate(restored)
+    assert restored.teachers is None and configs.diff(restored, current) == {}

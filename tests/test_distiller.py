@@ -78,6 +78,24 @@ def test_training_logs_only_the_loss(rng):
     }
 
 
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_logged_names_do_not_depend_on_call_order(rng, run_eagerly):
+    # What each step reports is decided per step kind, not by state left by the
+    # previous step: evaluate before fit, fit, then evaluate again.
+    distiller = Distiller(mlp(seed=1), mlp(seed=2))
+    distiller.compile(optimizer="sgd", run_eagerly=run_eagerly)
+    x, y = data(rng)
+    first = distiller.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    history = distiller.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    again = distiller.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    unlabeled = distiller.evaluate(x, batch_size=8, verbose=0, return_dict=True)
+    eval_names = ["agreement", "kl", "loss", "student_top1", "teacher_top1"]
+    assert sorted(first) == sorted(again) == eval_names
+    assert sorted(history.history) == ["loss"]
+    assert sorted(unlabeled) == ["agreement", "kl", "loss"]
+    assert unlabeled["kl"] == pytest.approx(again["kl"], rel=1e-6)
+
+
 def test_ensemble_is_mean_of_logits(rng):
     t1, t2, student = mlp(seed=1), mlp(seed=3), mlp(seed=2)
     x, _ = data(rng)
@@ -160,6 +178,25 @@ def test_mirrored_strategy_matches_one_device(rng):
     assert two_loss == pytest.approx(one_loss, rel=1e-6)
 
 
+def test_mirrored_strategy_evaluate_matches_one_device(rng):
+    x, y = data(rng, n=16)
+    tw, sw = mlp(seed=1).get_weights(), mlp(seed=2).get_weights()
+    results = []
+    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), two_cpu_strategy()):
+        with strategy.scope():
+            teacher, student = mlp(seed=1), mlp(seed=2)
+            teacher.set_weights(tw)
+            student.set_weights(sw)
+            distiller = Distiller(teacher, student)
+            distiller.compile(optimizer="sgd")
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        results.append(distiller.evaluate(ds, verbose=0, return_dict=True))
+    one, two = results
+    assert sorted(two) == ["agreement", "kl", "loss", "student_top1", "teacher_top1"]
+    for name in one:
+        assert two[name] == pytest.approx(one[name], rel=1e-5, abs=1e-7), name
+
+
 JAX_SCRIPT = textwrap.dedent(
     """
     import numpy as np, keras
@@ -176,8 +213,17 @@ JAX_SCRIPT = textwrap.dedent(
     frozen = [w.copy() for w in teacher.get_weights()]
     d = Distiller(teacher, student, temperature=2.0)
     d.compile(optimizer=keras.optimizers.Adam(1e-2))
-    h = d.fit(x, y, batch_size=16, epochs=40, verbose=0)
-    logs = d.evaluate(x, y, verbose=0, return_dict=True)
+    h = d.fit(x, y, batch_size=16, epochs=40, verbose=0, validation_data=(x, y))
+    assert sorted(h.history) == ["loss", "val_agreement", "val_kl", "val_loss",
+                                 "val_student_top1", "val_teacher_top1"], sorted(h.history)
+    logs = d.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    assert sorted(logs) == ["agreement", "kl", "loss", "student_top1", "teacher_top1"]
+    unlabeled = d.evaluate(x, batch_size=16, verbose=0, return_dict=True)
+    assert sorted(unlabeled) == ["agreement", "kl", "loss"], sorted(unlabeled)
+    s = student.predict(x, verbose=0)
+    assert abs(logs["agreement"] - np.mean(s.argmax(1) == y)) < 1e-6  # y: teacher argmax
+    assert abs(logs["teacher_top1"] - 1.0) < 1e-6
+    assert abs(unlabeled["agreement"] - logs["agreement"]) < 1e-6
     assert all(np.array_equal(a, b) for a, b in zip(frozen, teacher.get_weights()))
     print("LOSS", h.history["loss"][0], h.history["loss"][-1], "AGREE", logs["agreement"])
     """

@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from funmatch_keras import configs, data, distribute, models, sources, train
+from funmatch_keras import workdir as workdirs
 from funmatch_keras.distiller import Distiller
 from tests import conftest
 
@@ -142,7 +143,7 @@ def _one_distill_step(strategy, build, weights, batch):
         teacher, student = build(), build()
         teacher.set_weights(weights["teacher"])
         student.set_weights(weights["student"])
-        teacher = models.fold_weight_standardization(teacher)  # as train.build_teachers
+        teacher = models.fold_weight_standardization(teacher)  # as build.teachers
         distiller = Distiller(teacher, student, temperature=2.0)
         # SGD, not Adam: Adam's step is invariant to the gradients' scale, so it
         # would hide a loss not divided by the replica count.
@@ -295,7 +296,7 @@ def test_multi_worker_run_on_two_processes(tmp_path, teacher_file):
     worker = keras.saving.load_model(os.path.join(other, "student.keras"))
     for a, b in zip(chief.get_weights(), worker.get_weights()):
         np.testing.assert_array_equal(a, b)
-    history = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    history = workdirs.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     assert [h["step"] for h in history] == [2]
     assert "Training on 2 replicas (MultiWorkerMirroredStrategy, worker_1)" in _read(logs[1])
     # Each worker has its own input pipeline over its half of the 1,257 digits.
@@ -321,6 +322,6 @@ def test_jax_data_parallel_run_on_two_host_devices(tmp_path, teacher_file):
             pytest.fail("JAX run timed out:\n" + _tail(log))
     assert codes == [0], _tail(log)
     assert "Training on 2 replicas (DataParallel, chief)" in _read(log)
-    losses = [h["loss"] for h in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+    losses = [h["loss"] for h in workdirs.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert os.path.exists(os.path.join(workdir, "checkpoints", "ckpt-000000012"))

@@ -186,11 +186,6 @@ def test_existing_path_needs_overwrite(untrained, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["student.keras"]
 
 
-def test_run_export_without_student(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no trained student at .*\\.keras"):
-        fx.run_export(tmp_path, ["keras"])
-
-
 def test_dynamic_input_needs_image_size(tmp_path):
     model = _tiny_student(input_size=None)
     with pytest.raises(ValueError, match="image_size"):
@@ -232,17 +227,3 @@ def test_real_conversion_failure_names_blocking_op(tmp_path):
     with pytest.raises(fx.ExportError, match="tf.Igamma"):
         fx.to_tflite(model, tmp_path / "bad.tflite", "fp32")
     assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.slow
-def test_run_export_from_workdir(student, digits, tmp_path):
-    student.save(tmp_path / "student.keras")
-    eval_images = digits[2][:32]
-    report = fx.run_export(tmp_path, ["keras", "tflite_fp32"], eval_images=eval_images)
-    assert (tmp_path / "export" / "student_fp32.tflite").is_file()
-    assert (tmp_path / "export" / fx.REPORT_NAME).is_file()
-    assert report["artifacts"]["tflite_fp32"]["agreement"] == 1.0
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        fx.run_export(tmp_path, ["tflite_fp32"], eval_images=eval_images)
-    report = fx.run_export(tmp_path, ["tflite_fp32"], overwrite=True)
-    assert report["eval_data"] == "synthetic"

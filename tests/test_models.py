@@ -1,4 +1,8 @@
-"""Tests for funmatch_keras.models: BiT ResNetV2, its checkpoints, and `build`.
+"""Tests for funmatch_keras.models: BiT ResNetV2, its checkpoints, `build`, `load_weights`.
+
+Every spec of `models.list_models()` also goes through the shared harness
+(tests/model_harness.py): `.keras` and SavedModel round trips, one Distiller
+step, mixed_bfloat16 logits.
 
 NumPy references here are written independently of the implementation and pin
 the numerics that must match the released checkpoints (weight-standardization
@@ -17,6 +21,7 @@ import numpy as np
 import pytest
 
 from funmatch_keras import models
+from tests.model_harness import run_model_spec_test
 from funmatch_keras.models import (
     StdConv2D,
     bit_r50x1,
@@ -248,17 +253,6 @@ def test_bfloat16_policies_give_float32_logits(dtype, model, bit_npz):
     )
 
 
-def test_keras_file_roundtrip(model, tmp_path):
-    path = str(tmp_path / "bit.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path, safe_mode=True)
-    assert isinstance(restored.get_layer("root_conv"), StdConv2D)
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(restored(_images())),
-        keras.ops.convert_to_numpy(model(_images())),
-    )
-
-
 def test_fold_weight_standardization(model):
     folded = fold_weight_standardization(model)
     assert not any(isinstance(layer, StdConv2D) for layer in folded.layers)
@@ -369,12 +363,6 @@ def test_build_bit_and_keras_application():
     assert mobile.layers[-1].activation in (None, keras.activations.linear)
 
 
-def test_build_keras_application_with_dtype():
-    mobile = models.build("keras:MobileNetV2", 4, 32, dtype="mixed_bfloat16")
-    assert mobile.get_layer("Conv1").compute_dtype == "bfloat16"
-    assert mobile(_images(32)).dtype == "float32"
-
-
 def _tiny(num_classes: int = 3) -> keras.Model:
     inputs = keras.Input((32, 32, 3), name="images")
     x = keras.layers.Conv2D(4, 3)(inputs)
@@ -450,3 +438,64 @@ def test_saved_model_teacher_inside_distiller(tmp_path):
     assert after["loss"] < 0.5 * logs["loss"]
     # The SavedModel teacher's outputs are unchanged by training.
     _assert_close(teacher(images), tiny(images), tol=1e-6)
+
+
+def test_list_models_names_every_family():
+    specs = models.list_models()
+    assert specs[:6] == list(models.zoo.BIT_MODELS)
+    assert "keras:MobileNetV2" in specs and "cnn:16,32,64" in specs
+    assert models.list_models("cnn") == ["cnn:16,32,64"]
+    assert len(specs) == len(set(specs))
+    with pytest.raises(ValueError, match="kind='vit'"):
+        models.list_models("vit")
+
+
+# ----------------------------------------------------------- load_weights ---
+def test_load_weights_dispatches_by_format(model, bit_npz, tmp_path):
+    from safetensors.numpy import save_file
+
+    expected = keras.ops.convert_to_numpy(model(_images()))
+    with np.load(bit_npz) as data:
+        timm = {_bit_to_timm(k): _oihw(data[k]) for k in data}
+    save_file(timm, str(tmp_path / "timm.safetensors"))
+    np.savez(tmp_path / "timm.npz", **timm)
+    model.save_weights(str(tmp_path / "bit.weights.h5"))
+    model.save(str(tmp_path / "bit.keras"))
+    fresh = _fresh()
+    for path in (bit_npz, tmp_path / "timm.npz", tmp_path / "timm.safetensors",
+                 tmp_path / "bit.weights.h5", tmp_path / "bit.keras"):
+        fresh.set_weights([np.zeros_like(w) for w in fresh.get_weights()])
+        assert models.load_weights(fresh, path) is fresh
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(fresh(_images())), expected,
+                                      err_msg=str(path))
+
+
+def test_load_weights_passes_head_and_names_bad_files(model, bit_npz, tmp_path):
+    other = models.load_weights(_fresh(num_classes=7), bit_npz)  # head="auto"
+    np.testing.assert_array_equal(other.get_layer("head_logits").get_weights()[0], 0.0)
+    with pytest.raises(ValueError, match="head/conv2d/kernel"):
+        models.load_weights(_fresh(num_classes=7), bit_npz, head=True)
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        models.load_weights(_fresh(), tmp_path / "absent.npz")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"Unknown weights format.*\.safetensors"):
+        models.load_weights(_fresh(), tmp_path / "weights.pt")
+    raw = tmp_path / "raw.npz"
+    with open(raw, "wb") as f:
+        pickle.dump({"resnet/group_norm/gamma": np.ones(3)}, f)
+    with pytest.raises(ValueError, match="pickle"):
+        models.load_weights(_fresh(), raw)
+
+
+# ---------------------------------------------------------------- harness ---
+# One spec of each family runs in the fast suite; the others (every other BiT
+# size and Keras application) are marked slow.
+FAST_SPECS = ("cnn:16,32,64", "bit_r50x1", "keras:MobileNetV2")
+
+
+@pytest.mark.parametrize("spec", [
+    pytest.param(spec, marks=() if spec in FAST_SPECS else pytest.mark.slow)
+    for spec in models.list_models()
+])
+def test_model_spec(spec, tmp_path):
+    run_model_spec_test(spec, tmp_path)

@@ -10,7 +10,8 @@ import keras
 import numpy as np
 import pytest
 
-from funmatch_keras import cli, configs, data, sources, train
+from funmatch_keras import cli, configs, data, loop, sources, train
+from funmatch_keras import workdir as workdirs
 from funmatch_keras.checkpoint import CheckpointManager
 
 
@@ -28,7 +29,7 @@ def test_distill_writes_student_logs_and_an_honest_report(tmp_path):
                  "teacher.keras"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert os.listdir(os.path.join(workdir, "tensorboard"))
-    history = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    history = workdirs.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     assert [h["step"] for h in history] == [3, 6]
     assert all("learning_rate" in h and "val_agreement" in h for h in history)
     # The report's accuracy is the saved student's, recomputed here.
@@ -68,7 +69,7 @@ class _Killed(Exception):
 
 @pytest.mark.slow
 def test_teacher_training_inside_distill_resumes_after_a_kill(tmp_path, monkeypatch, capsys):
-    from funmatch_keras.checkpoint import CheckpointCallback
+    from funmatch_keras.loop import CheckpointCallback
 
     config = smoke_config(epochs=1, steps_per_epoch=1, checkpoint_every_steps=2,
                           deterministic=True)
@@ -98,18 +99,18 @@ def test_teacher_training_inside_distill_resumes_after_a_kill(tmp_path, monkeypa
 
 def test_workdir_of_another_config_is_refused(tmp_path):
     workdir = str(tmp_path)
-    train.prepare_workdir(workdir, smoke_config(), overwrite=False)
-    train.prepare_workdir(workdir, smoke_config(), overwrite=False)  # same config: fine
+    workdirs.prepare(workdir, smoke_config(), overwrite=False)
+    workdirs.prepare(workdir, smoke_config(), overwrite=False)  # same config: fine
     with pytest.raises(ValueError, match="different config.*lr.*--overwrite"):
-        train.prepare_workdir(workdir, smoke_config(lr=0.5), overwrite=False)
-    train.prepare_workdir(workdir, smoke_config(lr=0.5), overwrite=True)
+        workdirs.prepare(workdir, smoke_config(lr=0.5), overwrite=False)
+    workdirs.prepare(workdir, smoke_config(lr=0.5), overwrite=True)
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ValueError, match="not writable"):
-        train.prepare_workdir(str(blocker / "run"), smoke_config(), overwrite=False)
+        workdirs.prepare(str(blocker / "run"), smoke_config(), overwrite=False)
 
 
 def test_cli_reports_config_typos(tmp_path, capsys):
@@ -129,7 +130,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = smoke_config(lr=1e12, epochs=3, steps_per_epoch=4, checkpoint_every_steps=1,
                           warmup_steps=0, weight_decay=0.0)
     os.remove(os.path.join(workdir, "student.keras"))
-    with pytest.raises(train.TrainingError, match="NaN.*last good checkpoint is step"):
+    with pytest.raises(loop.TrainingError, match="NaN.*last good checkpoint is step"):
         train.run(config, workdir, overwrite=True, verbose=0)
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"))
     assert manager.latest() is not None
@@ -197,7 +198,7 @@ def test_every_shipped_config_builds_its_pipelines_under_mock_data(spec):
     configs.validate(config)
     with tfds.testing.mock_data(num_examples=40):
         train_source = sources.source_for(config.dataset, "train", config.data_dir)
-        teacher_size = train.teacher_input_size(config)
+        teacher_size = configs.teacher_sizes(config)
         ds = data.train_pipeline(
             train_source, mode=config.mode, batch_size=config.batch_size,
             student_size=config.student_size, teacher_size=teacher_size, seed=config.seed,
@@ -231,9 +232,38 @@ def test_imagenet_ensemble_of_two_resolutions_distills(tmp_path):
 
 def test_cli_exit_code_3_when_training_stops_early(tmp_path, monkeypatch, capsys):
     def stopped(*args, **kwargs):
-        raise train.TrainingError("Training stopped: loss became NaN at step 5; the last "
+        raise loop.TrainingError("Training stopped: loss became NaN at step 5; the last "
                                   "good checkpoint is step 4.")
 
     monkeypatch.setattr(train, "run", stopped)
     assert cli.main(["distill", "--config=digits:smoke=True", f"--workdir={tmp_path}"]) == 3
     assert "last good checkpoint is step 4" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_workdir_written_before_the_layout_change_still_resumes(tmp_path, monkeypatch, capsys):
+    """config.json without the newer fields (`teachers`), checkpoints, teacher.keras."""
+    from funmatch_keras.loop import CheckpointCallback
+
+    config = smoke_config(epochs=2, steps_per_epoch=2, checkpoint_every_steps=2)
+    run_dir = tmp_path / "old"
+    original_save = CheckpointCallback._save
+
+    def save_then_die(self, epoch):
+        original_save(self, epoch)
+        distilling = os.path.basename(self.manager.directory) == "checkpoints"
+        if distilling and self.last_saved_step == 2:
+            raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CheckpointCallback, "_save", save_then_die)
+        with pytest.raises(_Killed):
+            train.run(config, str(run_dir), verbose=0)
+    assert CheckpointManager(str(run_dir / "checkpoints")).all_steps()[-1] == 2
+    stored = json.loads((run_dir / "config.json").read_text())
+    del stored["teachers"]  # as the previous version wrote it
+    (run_dir / "config.json").write_text(json.dumps(stored, sort_keys=True, indent=2))
+    capsys.readouterr()
+    report = train.run(config, str(run_dir), verbose=0)
+    assert "Resuming distillation from step 2 of 4" in capsys.readouterr().out
+    assert report["steps"] == 4 and os.path.exists(run_dir / "student.keras")

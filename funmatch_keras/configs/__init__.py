@@ -16,9 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import ast
-import copy
-import difflib
 import importlib
 import importlib.util
 import json
@@ -28,28 +25,32 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from funmatch_keras.configs.common import (
-    DATASETS,
-    DTYPES,
-    FIELDS,
-    MODES,
-    NoneType,
-    parse_bool,
+from funmatch_keras.configs.common import DATASETS, DTYPES, FIELDS, MODES
+from funmatch_keras.configs.overrides import apply_overrides, has_type, type_names
+from funmatch_keras.configs.teachers import (
+    TeacherSpec,
+    canonical,
+    check_teachers,
+    teacher_sizes,
+    teacher_specs,
 )
 
 __all__ = [
+    "TeacherSpec",
     "apply_overrides",
     "diff",
     "eval_every_epochs",
     "from_json",
     "list_configs",
     "load_config",
+    "teacher_sizes",
+    "teacher_specs",
     "to_json",
     "validate",
 ]
 
 # Modules of this package that are helpers, not configs.
-_NOT_CONFIGS = ("common",)
+_NOT_CONFIGS = ("common", "overrides", "teachers")
 # Evaluations per run when `eval_every_epochs` is None.
 _DEFAULT_EVALS_PER_RUN = 20
 
@@ -139,157 +140,6 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return config
 
 
-# -- overrides ---------------------------------------------------------------
-
-
-def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in config.items():
-        keys.append(prefix + key)
-        if isinstance(value, ml_collections.ConfigDict):
-            keys.extend(_flat_keys(value, f"{prefix}{key}."))
-    return keys
-
-
-def _unknown_field_error(config: ml_collections.ConfigDict, key: str) -> ValueError:
-    valid = _flat_keys(config)
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return ValueError(
-        f"Unknown config field {key!r} (from --config.{key}).{hint} "
-        f"Valid fields: {', '.join(sorted(valid))}."
-    )
-
-
-def _literal(text: str) -> Any:
-    """Python literal of `text`, or `text` itself when it is not one (a plain string)."""
-    try:
-        return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-        return text
-
-
-def _to_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        value = float(text)  # accepts "1e6" for epochs; rejects "3.5" below
-        if not value.is_integer():
-            raise
-        return int(value)
-
-
-def _to_list(text: str) -> list:
-    value = _literal(text)
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [_literal(item) for item in text.split(",")]
-
-
-def _type_names(types: tuple[type, ...]) -> str:
-    return " or ".join("None" if t is NoneType else t.__name__ for t in types)
-
-
-def _convert(key: str, current: Any, text: str, field: Any) -> Any:
-    """Converts the command-line string `text` for the field `key` holding `current`."""
-    nullable = current is None or (field is not None and field.nullable)
-    if nullable and text.strip().lower() in ("none", "null"):
-        return None
-    allows_list = field is not None and list in field.types
-    if isinstance(current, ml_collections.ConfigDict):
-        raise ValueError(
-            f"Config field {key!r} is a group of fields ({', '.join(current)}); "
-            f"override one of them, e.g. --config.{key}.{next(iter(current), 'x')}=..."
-        )
-    if current is None or (allows_list and text.strip().startswith("[")):
-        value = _literal(text)
-        if field is not None and not _has_type(value, field.types) and str in field.types:
-            value = text  # e.g. a data_dir named "2024" stays a path
-    else:
-        expected = type(current)
-        converters = {bool: parse_bool, int: _to_int, float: float, str: str,
-                      list: _to_list, tuple: lambda t: tuple(_to_list(t))}
-        try:
-            value = converters[expected](text) if expected in converters else None
-        except ValueError:
-            value = None
-        if value is None:
-            literal = _literal(text)
-            if not isinstance(literal, expected) or (
-                expected is int and isinstance(literal, bool)
-            ):
-                allowed = field.types if field is not None else (expected,)
-                raise ValueError(
-                    f"Config field {key!r} expects {_type_names(allowed)}. Received: {text!r}"
-                )
-            value = literal
-    if field is not None and not _has_type(value, field.types):
-        raise ValueError(
-            f"Config field {key!r} expects {_type_names(field.types)}. Received: {text!r}"
-        )
-    return value
-
-
-def _has_type(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):
-        return bool in types
-    if isinstance(value, int) and float in types:
-        return True
-    return isinstance(value, types)
-
-
-def apply_overrides(
-    config: ml_collections.ConfigDict, overrides: Mapping[str, str]
-) -> ml_collections.ConfigDict:
-    """Returns a copy of `config` with command-line overrides applied.
-
-    Each string is converted to the type the field holds: int, float, bool
-    (`true`/`false`), str; `None`/`none` clears a field that may be None; a field
-    holding None takes a Python literal (`5`, `0.1`, `[224, 384]`) or else the
-    string itself. A field that may hold a list (`teacher`, `teacher_size`,
-    `teacher_weights`) takes a list literal. Nested fields use dots (`a.b`).
-
-    Args:
-        config: `ml_collections.ConfigDict`. Left unchanged.
-        overrides: mapping from field name to its string value, e.g.
-            `{"epochs": "10"}` from `--config.epochs=10`.
-
-    Returns:
-        A new `ConfigDict`.
-
-    Raises:
-        ValueError: an unknown field (with close matches and the valid fields),
-            or a value that does not convert to the field's type.
-
-    Example:
-    >>> config = load_config("digits")
-    >>> apply_overrides(config, {"epochs": "3", "flip": "true"}).epochs
-    3
-    """
-    config = copy.deepcopy(config)
-    for key, text in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for depth, part in enumerate(parents):
-            child = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-            if not isinstance(child, ml_collections.ConfigDict):
-                raise _unknown_field_error(config, ".".join(parents[: depth + 1] + [leaf]))
-            node = child
-        if leaf not in node:
-            raise _unknown_field_error(config, key)
-        field = FIELDS.get(key) if not parents else None
-        value = _convert(key, node[leaf], str(text), field)
-        try:
-            setattr(node, leaf, value)
-        except TypeError:
-            # ConfigDict keeps a field's first type; a declared union (e.g. a
-            # single teacher becoming an ensemble list) replaces the field.
-            with node.unlocked():
-                del node[leaf]
-                node[leaf] = value
-    return config
-
-
 # -- validation --------------------------------------------------------------
 
 
@@ -314,9 +164,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, field in FIELDS.items():
         if name not in config:
             errors.append(f"missing field {name!r} (build configs with common.base_config)")
-        elif not _has_type(config[name], field.types):
+        elif not has_type(config[name], field.types):
             errors.append(
-                f"{name} must be {_type_names(field.types)}. Received: {name}={config[name]!r}"
+                f"{name} must be {type_names(field.types)}. Received: {name}={config[name]!r}"
             )
     if errors:
         raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
@@ -337,6 +187,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                          and config.num_classes >= 2),
           "must be an int >= 2 or None", "num_classes")
     check(config.warmup_steps >= 0, "must be >= 0", "warmup_steps")
+    check(config.checkpoint_every_minutes is None or config.checkpoint_every_minutes > 0,
+          "must be > 0 or None", "checkpoint_every_minutes")
     check(config.temperature > 0, "must be > 0", "temperature")
     check(config.lr > 0, "must be > 0", "lr")
     check(config.weight_decay >= 0, "must be >= 0", "weight_decay")
@@ -344,30 +196,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.dtype in DTYPES, f"must be one of {DTYPES}", "dtype")
     check(config.teacher_dtype is None or config.teacher_dtype in DTYPES,
           f"must be None or one of {DTYPES}", "teacher_dtype")
-    _check_teachers(config, check)
+    check_teachers(config, check, _positive_int)
     if errors:
         raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
-
-
-def _check_teachers(config: ml_collections.ConfigDict, check) -> None:
-    teachers = config.teacher if isinstance(config.teacher, list) else [config.teacher]
-    check(bool(teachers) and all(isinstance(t, str) and t for t in teachers),
-          "must be a model spec or a non-empty list of them", "teacher")
-    per_teacher = "must have one entry per teacher (teacher is a list of {})"
-    sizes = config.teacher_size
-    if isinstance(sizes, list):
-        check(len(sizes) == len(teachers) and isinstance(config.teacher, list),
-              per_teacher.format(len(teachers)), "teacher_size")
-        check(all(_positive_int(s) for s in sizes), "must hold positive ints", "teacher_size")
-    else:
-        check(sizes is None or _positive_int(sizes), "must be a positive int or None",
-              "teacher_size")
-    weights = config.teacher_weights
-    if isinstance(weights, list):
-        check(len(weights) == len(teachers) and isinstance(config.teacher, list),
-              per_teacher.format(len(teachers)), "teacher_weights")
-        check(all(w is None or isinstance(w, str) for w in weights),
-              "must hold paths or None", "teacher_weights")
 
 
 def eval_every_epochs(config: ml_collections.ConfigDict) -> int:
@@ -398,11 +229,18 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def from_json(text: str) -> ml_collections.ConfigDict:
     """Rebuilds a locked config from `to_json` text.
 
+    Fields added to the package after the text was written get their defaults,
+    so the config of an older workdir still loads, validates and resumes.
+
     Example:
-    >>> from_json('{"epochs": 3}').epochs
-    3
+    >>> config = from_json('{"epochs": 3}')
+    >>> config.epochs, config.keep_checkpoints
+    (3, 3)
     """
-    config = ml_collections.ConfigDict(json.loads(text))
+    values = json.loads(text)
+    for name, field in FIELDS.items():
+        values.setdefault(name, field.default)
+    config = ml_collections.ConfigDict(values)
     config.lock()
     return config
 
@@ -411,6 +249,8 @@ def diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict
     """Fields that differ between two configs, as `{name: (old, new)}` (dotted names).
 
     Useful to explain why a workdir's stored config does not match this run's.
+    Teachers are compared in their `teachers` form (`teachers.canonical`), so
+    the shorthand fields and an equal `teachers` list do not differ.
 
     Example:
     >>> a = load_config("pets37:variant=fast")
@@ -418,7 +258,7 @@ def diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict
     {'epochs': (1000, 3)}
     """
     def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
-        return {key: value for key, value in _flatten(config.to_dict())}
+        return {key: value for key, value in _flatten(canonical(config))}
 
     before, after = flat(old), flat(new)
     return {

@@ -18,10 +18,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
-# Kept in sync with `funmatch_keras.data.MODES` (a test checks it); configs must
-# load without importing TensorFlow, so they cannot import `data`.
-MODES = ("function_matching", "consistent", "independent", "fixed_teacher")
-DATASETS = ("digits", "pets37", "flowers102", "food101", "sun397", "imagenet2012")
+from funmatch_keras.recipe import DATASETS, MODES
+
 DTYPES = ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
 
 NoneType = type(None)
@@ -51,6 +49,14 @@ FIELDS: dict[str, Field] = {
     "flip": Field(True, (bool,), "Random left-right flips in training."),
     # -- teaching --
     "mode": Field("function_matching", (str,), f"Teaching mode, one of {MODES}."),
+    "teachers": Field(
+        None,
+        (list, NoneType),
+        "The teachers, big_vision style: a list of {'model': spec, 'weights': path or "
+        "None, 'size': px or None} dicts (several: an ensemble, logits averaged). "
+        "None: one teacher from the `teacher`, `teacher_weights` and `teacher_size` "
+        "shorthand fields (ignored when `teachers` is given).",
+    ),
     "teacher": Field(
         "bit_r152x2",
         (str, list),
@@ -100,6 +106,12 @@ FIELDS: dict[str, Field] = {
     ),
     # -- checkpoints and evaluation --
     "checkpoint_every_steps": Field(1000, (int,), "Save a checkpoint every N steps."),
+    "checkpoint_every_minutes": Field(
+        10.0, (float, NoneType),
+        "Also save when this many minutes passed since the last checkpoint (None: "
+        "steps only). Checkpoints are never tied to dataset epochs, which last 2 "
+        "steps on Flowers102.",
+    ),
     "keep_checkpoints": Field(3, (int,), "Number of most recent checkpoints kept."),
     "eval_every_epochs": Field(
         None, (int, NoneType), "Evaluate every N epochs. None: about 20 evaluations per run."
@@ -300,6 +312,11 @@ def shrink_for_smoke(config: ml_collections.ConfigDict) -> ml_collections.Config
         config.student_size = SMOKE_SIZE
         config.student_weights = None
         config.teacher_weights = None
+        if config.teachers is not None:
+            config.teachers = [
+                {"model": SMOKE_TEACHER, "weights": None,
+                 "size": t.get("size") and _smoke_teacher_size(t["size"])}
+                for t in config.teachers]
         if isinstance(config.teacher, list):
             config.teacher = [SMOKE_TEACHER] * len(config.teacher)
         else:

@@ -1,4 +1,8 @@
-"""Model zoo: BiT ResNetV2 (with checkpoint loading) and `build(spec, ...)`."""
+"""Model zoo: `build(spec, ...)` makes a model, `load_weights(model, path)` fills it.
+
+Also: BiT ResNetV2 (`bit_*`, with its checkpoint readers), a small CNN, and
+`list_models()`, the specs `build` knows by name.
+"""
 
 from funmatch_keras.models.bit import (
     StdConv2D,
@@ -13,7 +17,8 @@ from funmatch_keras.models.bit import (
 )
 from funmatch_keras.models.bit_weights import load_bit_npz, load_timm_bit, save_bit_npz
 from funmatch_keras.models.cnn import small_cnn
-from funmatch_keras.models.zoo import build
+from funmatch_keras.models.weights import load_weights
+from funmatch_keras.models.zoo import build, list_models
 
 __all__ = [
     "StdConv2D",
@@ -26,8 +31,10 @@ __all__ = [
     "bit_resnet",
     "build",
     "fold_weight_standardization",
+    "list_models",
     "load_bit_npz",
     "load_timm_bit",
+    "load_weights",
     "save_bit_npz",
     "small_cnn",
 ]

@@ -1,8 +1,8 @@
-"""Models by name: `build(spec, num_classes, image_size)`.
+"""Models by name: `build(spec, num_classes, image_size)` and `list_models()`.
 
 A spec is a BiT name (`"bit_r50x1"`), a Keras application
-(`"keras:MobileNetV2"`), a `.keras` file, or a SavedModel directory (teachers
-only: it is wrapped, not trainable).
+(`"keras:MobileNetV2"`), a small CNN (`"cnn:16,32,64"`), a `.keras` file, or a
+SavedModel directory (teachers only: it is wrapped, not trainable).
 """
 
 from __future__ import annotations
@@ -25,6 +25,50 @@ BIT_MODELS: dict[str, Callable[..., keras.Model]] = {
 }
 _KERAS_PREFIX = "keras:"
 _CNN_PREFIX = "cnn:"
+# `cnn:<widths>` takes any widths; `list_models` names it by the digits student's.
+_CNN_EXAMPLE = "cnn:16,32,64"
+
+
+def keras_applications() -> list[str]:
+    """The constructors of `keras.applications` that `"keras:<name>"` builds.
+
+    Example:
+    >>> "MobileNetV2" in keras_applications()
+    True
+    """
+    return sorted(name for name in dir(keras.applications)
+                  if name[:1].isupper() and callable(getattr(keras.applications, name)))
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    """The model specs `build` knows by name (files and SavedModels aside).
+
+    Args:
+        kind: str or None. `"bit"`, `"keras"` or `"cnn"` for one family.
+            Defaults to all.
+
+    Returns:
+        list of str: the BiT names, `"keras:<Application>"` for every Keras
+        application, and `"cnn:16,32,64"` for the small CNN (which takes any
+        widths).
+
+    Example:
+    >>> list_models("bit")
+    ['bit_r50x1', 'bit_r50x3', 'bit_r101x1', 'bit_r101x3', 'bit_r152x2', 'bit_r152x4']
+    >>> "keras:MobileNetV2" in list_models()
+    True
+    """
+    families = {
+        "bit": list(BIT_MODELS),
+        "keras": [_KERAS_PREFIX + name for name in keras_applications()],
+        "cnn": [_CNN_EXAMPLE],
+    }
+    if kind is None:
+        return [spec for specs in families.values() for spec in specs]
+    if kind not in families:
+        raise ValueError(f"Unknown model kind. Expected one of {sorted(families)}. "
+                         f"Received: kind={kind!r}")
+    return families[kind]
 
 
 def _keras_application(name: str, num_classes: int, image_size: int,
@@ -35,27 +79,27 @@ def _keras_application(name: str, num_classes: int, image_size: int,
             f"Unknown Keras application {name!r}; expected a constructor of "
             f"keras.applications such as 'MobileNetV2'. Received: spec='keras:{name}'"
         )
-    model = constructor(
-        weights=None, classifier_activation=None, classes=num_classes,
-        input_shape=(image_size, image_size, 3),
-    )
+    # keras.applications take no dtype: build under the policy (restored after;
+    # Keras keeps it per thread), so that every layer gets it, including those
+    # of nested models (ConvNeXt's stem) that a clone_model pass would miss.
+    previous = keras.config.dtype_policy()
+    if dtype is not None:
+        keras.config.set_dtype_policy(dtype)
+    try:
+        model = constructor(
+            weights=None, classifier_activation=None, classes=num_classes,
+            input_shape=(image_size, image_size, 3),
+        )
+    finally:
+        keras.config.set_dtype_policy(previous)
     if dtype is None:
         return model
-
-    # keras.applications take no dtype: rebuild the graph with the policy on
-    # every layer (instead of touching the global policy), logits in float32.
-    def with_policy(layer: keras.layers.Layer) -> keras.layers.Layer:
-        config = layer.get_config()
-        if not isinstance(layer, keras.layers.InputLayer):
-            config["dtype"] = dtype
-        return layer.__class__.from_config(config)
-
-    clone = keras.models.clone_model(model, clone_function=with_policy)
-    clone.set_weights(model.get_weights())
-    logits = keras.layers.Activation("linear", dtype="float32", name="logits")(
-        clone.output
-    )
-    return keras.Model(clone.input, logits, name=model.name)
+    # Logits in float32 whatever the compute dtype (DESIGN §5). MobileNetV3
+    # already has a layer named "logits".
+    taken = {layer.name for layer in model.layers}
+    name = "logits" if "logits" not in taken else "logits_float32"
+    logits = keras.layers.Activation("linear", dtype="float32", name=name)(model.output)
+    return keras.Model(model.input, logits, name=model.name)
 
 
 def _num_outputs(model: keras.Model) -> int | None:

@@ -1,0 +1,136 @@
+"""`funmatch export`: a workdir's student to deployable artifacts, verified.
+
+The app side of `funmatch_keras.export`: `run_export` loads
+`<workdir>/student.keras`, takes parity and int8 calibration images from the
+dataset named in `<workdir>/config.json` (`workdir_images`) and hands them to
+`export.export_all`, which writes `<workdir>/export/` and its report.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from funmatch_keras import configs, data, export, sources
+from funmatch_keras import workdir as workdirs
+from funmatch_keras.verify import load_keras_model
+
+EXPORT_DIR = "export"
+# Random parity images when the workdir names no dataset: enough for the logit
+# differences to mean something, though the agreement does not.
+NUM_SYNTHETIC_IMAGES = 64
+
+
+def run_export(
+    workdir: str | os.PathLike,
+    formats: Iterable[str],
+    overwrite: bool = False,
+    eval_images: Any = None,
+    representative_data: Any = None,
+    out_dir: str | os.PathLike | None = None,
+    num_images: int = 500,
+) -> dict[str, Any]:
+    """The `funmatch export` entry point: exports `<workdir>/student.keras`.
+
+    When the workdir has a `config.json` (written by `funmatch demo` and
+    `funmatch distill`), parity is measured on `num_images` eval-preprocessed
+    images of the dataset's test split and int8 is calibrated on as many images
+    of its train split (eval preprocessing), unless images are passed.
+
+    Args:
+        workdir: str. A training workdir holding `student.keras`.
+        formats: list of str. See `export.export_all`.
+        overwrite: bool. Replace existing artifacts. Defaults to `False`.
+        eval_images: float images in [-1, 1] for the parity check. Defaults to
+            `None`: the workdir's test images, else 64 random images, so the
+            logit differences are meaningful but the agreement is not (the
+            report marks `eval_data: synthetic`).
+        representative_data: int8 calibration images. Defaults to `None`.
+        out_dir: str. Defaults to `<workdir>/export`.
+        num_images: int. Eval and calibration images drawn from the workdir's
+            dataset. Defaults to 500.
+
+    Returns:
+        The report of `export.export_all`.
+
+    Example (a workdir with only `student.keras`, so the parity check uses
+    random images):
+    >>> import os, tempfile
+    >>> from funmatch_keras.export import to_keras
+    >>> from funmatch_keras.models import small_cnn
+    >>> workdir = tempfile.mkdtemp()
+    >>> _ = to_keras(small_cnn([8], num_classes=3, image_size=16),
+    ...              os.path.join(workdir, "student.keras"))
+    >>> report = run_export(workdir, ["saved_model", "tflite_fp32"])
+    >>> report["eval_data"], report["num_eval_images"], sorted(report["artifacts"])
+    ('synthetic', 64, ['saved_model', 'tflite_fp32'])
+    >>> sorted(os.listdir(os.path.join(workdir, "export")))
+    ['export_report.json', 'saved_model', 'student_fp32.tflite']
+    """
+    workdir = Path(workdir)
+    student_path = workdir / workdirs.STUDENT_FILE
+    if not student_path.is_file():
+        raise FileNotFoundError(
+            f"no trained student at {student_path}: run `funmatch distill` or "
+            f"`funmatch demo` first"
+        )
+    model = load_keras_model(student_path)
+    out_dir = Path(out_dir) if out_dir is not None else workdir / EXPORT_DIR
+    if eval_images is None and (workdir / workdirs.CONFIG_FILE).is_file():
+        eval_images, calibration = workdir_images(workdir, num_images)
+        if representative_data is None:
+            representative_data = calibration
+    report_fields = {}
+    if eval_images is None:
+        size = export.static_image_size(model)
+        if size is None:
+            raise ValueError(
+                "The student has no static input size, so synthetic eval images "
+                "cannot be made: pass `eval_images`."
+            )
+        rng = np.random.default_rng(0)
+        shape = (NUM_SYNTHETIC_IMAGES, size, size, 3)
+        eval_images = rng.uniform(-1, 1, shape).astype(np.float32)
+        report_fields["eval_data"] = "synthetic"
+    return export.export_all(
+        model,
+        out_dir,
+        formats,
+        eval_images=eval_images,
+        representative_data=representative_data,
+        overwrite=overwrite,
+        report_fields=report_fields,
+    )
+
+
+def workdir_images(
+    workdir: str | os.PathLike, num_images: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(test images, train images for calibration) of a workdir's dataset, eval views.
+
+    The dataset, its `data_dir` and the student's input size come from the
+    workdir's `config.json`.
+
+    Example (a workdir of the bundled digits):
+    >>> import os, tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> config = configs.from_json('{"dataset": "digits", "student_size": 16}')
+    >>> with open(os.path.join(workdir, "config.json"), "w") as f:
+    ...     _ = f.write(configs.to_json(config))
+    >>> test_images, train_images = workdir_images(workdir, 10)
+    >>> test_images.shape, train_images.shape, test_images.dtype.name
+    ((10, 16, 16, 3), (10, 16, 16, 3), 'float32')
+    """
+    config_path = Path(workdir) / workdirs.CONFIG_FILE
+    config = configs.from_json(config_path.read_text())
+
+    def images(split: str) -> np.ndarray:
+        source = sources.source_for(config.dataset, split, config.data_dir)
+        batches = data.eval_pipeline(source, size=config.student_size, batch_size=256)
+        batches = batches.take(-(-num_images // 256)).as_numpy_iterator()
+        return np.concatenate([x for x, _ in batches])[:num_images]
+
+    return images("test"), images("train")

@@ -1,0 +1,97 @@
+"""Sources: tfds presets (under mock data), arrays, digits, sharding by example."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from funmatch_keras import data, file_sources, recipe, sources
+from tests.image_fixtures import (arrays, check_images, constant_tfrecords, take,
+                                  write_tfrecords)
+
+SIZE = 16
+
+
+@pytest.mark.parametrize("preset,num_classes", [
+    ("pets37", 37), ("flowers102", 102), ("food101", 101), ("sun397", 397),
+    ("imagenet2012", 1000),
+])
+def test_tfds_presets_load_under_mock_data(preset, num_classes, tmp_path):
+    with tfds.testing.mock_data(num_examples=6):
+        src = sources.tfds_source(preset, "train", data_dir=str(tmp_path))
+        assert (src.num_examples, src.num_classes) == (6, num_classes)
+        for role in recipe.SPLIT_ROLES:
+            split = sources.tfds_source(preset, role, data_dir=str(tmp_path))
+            assert split.num_examples == 6 and split.encoded
+        (batch,) = take(data.train_pipeline(src, batch_size=4, student_size=SIZE,
+                                            seed=0, epochs=1), 1)
+        check_images(batch, 4, SIZE)
+        images, labels = take(data.eval_pipeline(src, size=SIZE, batch_size=6), 1)[0]
+        check_images(images, 6, SIZE)
+        assert labels.dtype == np.int32
+        assert ((0 <= labels) & (labels < num_classes)).all()
+
+
+def test_tfds_dataset_not_prepared_explains_how(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"oxford_flowers102.*tfds build"):
+        sources.tfds_source("flowers102", "train", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"downloads/manual"):
+        sources.tfds_source("imagenet2012", "validation", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="Unknown tfds dataset"):
+        sources.tfds_source("no_such_dataset_xyz", data_dir=str(tmp_path))
+
+
+def test_array_source_grayscale_and_digits_range():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    src = sources.array_source(digits.images[:8], digits.target[:8], in_max=16)
+    assert src.num_classes == 8 and not src.encoded
+    images, labels = take(data.eval_pipeline(src, size=8, batch_size=8), 1)[0]
+    check_images(images, 8, 8)
+    assert images.max() > 0.9 and images.min() < -0.9  # Full range, not 0..16/255.
+    np.testing.assert_array_equal(labels, digits.target[:8])
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])  # Gray -> RGB.
+
+
+def test_bad_labels_name_the_example_index(tmp_path):
+    with pytest.raises(ValueError, match="index 2"):
+        sources.array_source(arrays(4), [0, 1, 7, 1], num_classes=3)
+    with pytest.raises(ValueError, match="index 1"):
+        sources.array_source(arrays(3), [0, -1, 1])
+    pattern = write_tfrecords(str(tmp_path), arrays(4), [0, 1, 9, 1], shards=1)
+    src = file_sources.tfrecord_source(pattern, num_classes=3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"example index\] \[2\]"):
+        take(data.eval_pipeline(src, size=SIZE, batch_size=4), 1)
+
+
+def test_empty_array_source_raises():
+    with pytest.raises(ValueError, match="no images"):
+        sources.array_source(np.zeros([0, 8, 8], np.uint8), np.zeros([0], int))
+
+
+def test_digits_source_is_offline_and_split_is_stratified():
+    train, test = sources.digits_source("train"), sources.digits_source("test")
+    assert (train.num_examples, test.num_examples, train.num_classes) == (1257, 540, 10)
+    labels = np.concatenate([y.numpy() for _, y in data.eval_pipeline(test, size=SIZE,
+                                                                      batch_size=600)])
+    assert np.all(np.bincount(labels, minlength=10) >= 50)
+    with pytest.raises(ValueError, match="Unknown digits split"):
+        sources.digits_source("trian")
+
+
+def test_sources_without_enough_files_shard_by_example(tmp_path, caplog):
+    src = sources.array_source(arrays(7), np.arange(7) % 2)
+    assert src.num_files == 0  # in memory: nothing to split by file
+    assert [[int(ex["index"]) for ex in src.shard(3, w).dataset()] for w in range(3)] == [
+        [0, 3, 6], [1, 4], [2, 5]]
+    assert src.shard(1, 0) is src
+    two_files = constant_tfrecords(str(tmp_path), n=6, shards=2)
+    with caplog.at_level(logging.WARNING):
+        part = two_files.shard(3, 1)
+    assert "sharding by example instead of by file" in caplog.text
+    assert sorted(int(ex["index"]) for ex in part.dataset()) == [1, 4]
+    with pytest.raises(ValueError, match="shard_index"):
+        src.shard(2, 2)
