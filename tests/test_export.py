@@ -10,13 +10,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from sklearn.datasets import load_digits
 
 from funmatch_keras import augment
 from funmatch_keras import export as fx
 from funmatch_keras import verify as fv
 
-SIZE = 32
+from tests.export_fixtures import SIZE, digits, student, tiny_student  # noqa: F401
 BLANK = np.zeros([1, SIZE, SIZE, 3], np.float32)
 # format -> (minimum top-1 agreement, maximum |logit difference| or None)
 TARGETS = {
@@ -35,37 +34,6 @@ CONVERTER_MESSAGE = (
 )
 
 
-def _tiny_student(input_size=SIZE) -> keras.Model:
-    inputs = keras.Input((input_size, input_size, 3), name="images")
-    x = inputs
-    for filters in (16, 32, 64):
-        x = keras.layers.Conv2D(filters, 3, 2, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(10)(x), name="tiny_student")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """(train images, train labels, eval images): 32x32x3 floats in [-1, 1]."""
-    data = load_digits()
-    images = data.images.astype(np.float32) / 8.0 - 1.0  # 0..16 -> [-1, 1]
-    images = images.repeat(4, axis=1).repeat(4, axis=2)[..., None].repeat(3, axis=-1)
-    return images[:1400], data.target[:1400], images[1400:1600]
-
-
-@pytest.fixture(scope="module")
-def student(digits):
-    x_train, y_train, _ = digits
-    keras.utils.set_random_seed(0)
-    model = _tiny_student()
-    model.compile(
-        keras.optimizers.Adam(3e-3),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    model.fit(x_train, y_train, epochs=6, batch_size=64, verbose=0)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +127,7 @@ def test_int8_verify_applies_quantization(exported, student, digits):
 
 @pytest.fixture
 def untrained():
-    return _tiny_student()
+    return tiny_student()
 
 
 def test_unknown_format_lists_valid_ones(untrained, tmp_path):
@@ -187,7 +155,7 @@ def test_existing_path_needs_overwrite(untrained, tmp_path):
 
 
 def test_dynamic_input_needs_image_size(tmp_path):
-    model = _tiny_student(input_size=None)
+    model = tiny_student(input_size=None)
     with pytest.raises(ValueError, match="image_size"):
         fx.to_saved_model(model, tmp_path / "sm")
     fx.to_saved_model(model, tmp_path / "sm", image_size=SIZE)

@@ -488,14 +488,24 @@ def test_load_weights_passes_head_and_names_bad_files(model, bit_npz, tmp_path):
 
 
 # ---------------------------------------------------------------- harness ---
-# One spec of each family runs in the fast suite; the others (every other BiT
-# size and Keras application) are marked slow.
+# One spec of each family runs in the fast suite; one more of each Keras family
+# and BiT-R101x1 are slow (still in CI). The rest (the big BiTs, every other Keras
+# application: about 20 more minutes on 2 cores) are `heavy`, left out of
+# `make test` and CI; run them with `pytest -m heavy tests/test_models.py`.
 FAST_SPECS = ("cnn:16,32,64", "bit_r50x1", "keras:MobileNetV2")
+SLOW_SPECS = ("bit_r101x1", "keras:ConvNeXtTiny", "keras:MobileNetV3Small",
+              "keras:EfficientNetB0", "keras:EfficientNetV2B0", "keras:ResNet50V2",
+              "keras:DenseNet121")
+
+
+def _spec_marks(spec):
+    if spec in FAST_SPECS:
+        return ()
+    return pytest.mark.slow if spec in SLOW_SPECS else (pytest.mark.slow, pytest.mark.heavy)
 
 
 @pytest.mark.parametrize("spec", [
-    pytest.param(spec, marks=() if spec in FAST_SPECS else pytest.mark.slow)
-    for spec in models.list_models()
+    pytest.param(spec, marks=_spec_marks(spec)) for spec in models.list_models()
 ])
 def test_model_spec(spec, tmp_path):
     run_model_spec_test(spec, tmp_path)

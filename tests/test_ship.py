@@ -9,46 +9,14 @@ import json
 import keras
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from funmatch_keras import configs
 from funmatch_keras import export as fx
 from funmatch_keras import ship
 
-SIZE = 32
+from tests.export_fixtures import SIZE, digits, student, tiny_student  # noqa: F401
 
 
-def _tiny_student() -> keras.Model:
-    inputs = keras.Input((SIZE, SIZE, 3), name="images")
-    x = inputs
-    for filters in (16, 32, 64):
-        x = keras.layers.Conv2D(filters, 3, 2, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(10)(x), name="tiny_student")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """(train images, train labels, eval images): 32x32x3 floats in [-1, 1]."""
-    data = load_digits()
-    images = data.images.astype(np.float32) / 8.0 - 1.0  # 0..16 -> [-1, 1]
-    images = images.repeat(4, axis=1).repeat(4, axis=2)[..., None].repeat(3, axis=-1)
-    return images[:1400], data.target[:1400], images[1400:1600]
-
-
-@pytest.fixture(scope="module")
-def student(digits):
-    x_train, y_train, _ = digits
-    keras.utils.set_random_seed(0)
-    model = _tiny_student()
-    model.compile(
-        keras.optimizers.Adam(3e-3),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    model.fit(x_train, y_train, epochs=6, batch_size=64, verbose=0)
-    return model
 
 
 def test_run_export_without_student(tmp_path):
@@ -57,7 +25,7 @@ def test_run_export_without_student(tmp_path):
 
 
 def test_run_export_takes_images_from_the_workdir_config(tmp_path):
-    _tiny_student().save(tmp_path / "student.keras")
+    tiny_student().save(tmp_path / "student.keras")
     config = configs.from_json(json.dumps({"dataset": "digits", "student_size": SIZE}))
     (tmp_path / "config.json").write_text(configs.to_json(config))
     test_images, train_images = ship.workdir_images(tmp_path, 20)
