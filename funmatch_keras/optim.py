@@ -1,8 +1,12 @@
-"""The paper's optimizer: Adam with decoupled weight decay, warmup and cosine decay."""
+"""The paper's optimizers: Adam or Shampoo, decoupled weight decay, warmup and cosine decay."""
 
 from __future__ import annotations
 
 import keras
+
+from funmatch_keras.shampoo import Shampoo
+
+__all__ = ["Shampoo", "adamw", "shampoo", "warmup_cosine"]
 
 # Decay only conv/dense kernels (names ending in "kernel", incl. depthwise ones),
 # never GroupNorm scale/offset or biases (DESIGN §2). Keras matches this regex
@@ -75,6 +79,76 @@ def adamw(
         beta_1=0.9,
         beta_2=0.999,
         epsilon=1e-8,
+        global_clipnorm=clipnorm,
+    )
+    optimizer.exclude_from_weight_decay(var_names=[_NOT_A_KERNEL])
+    return optimizer
+
+
+def shampoo(
+    lr: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    clipnorm: float | None = 1.0,
+    *,
+    block_size: int = 128,
+    beta2: float = 0.999,
+    precondition_every: int = 10,
+    start_preconditioning_step: int = 10,
+    nesterov: bool = True,
+    root_method: str = "auto",
+) -> Shampoo:
+    """Shampoo grafted to Adam, with `adamw`'s schedule, decay and clipping conventions.
+
+    The paper's alternative to Adam: ImageNet distillation reaches at 1,200
+    epochs what Adam reaches at 4,800 (warmup 1,800 steps, Nesterov, blocks of
+    at most 128×128, wd 3.75e-4; DESIGN §2). As in `adamw`, the update is
+    `Δw = −s(t)·(lr·direction + wd·w)`: the decay is scaled by the schedule but
+    not by the learning rate, only kernels are decayed, and gradients are
+    clipped by global norm. Layer-wise grafting gives every kernel Adam's step
+    size, so Adam's learning rate is the place to start. See `shampoo.Shampoo`
+    for the algorithm.
+
+    Args:
+        lr: float. Peak learning rate.
+        weight_decay: float. Decay per step at the peak, not multiplied by lr.
+        total_steps: int. Length of the schedule (the lr reaches 0 there).
+        warmup_steps: int. Linear warmup steps. Defaults to `0`.
+        clipnorm: float or None. Global gradient-norm clip. Defaults to `1.0`.
+        block_size: int. Largest preconditioner block side. Defaults to `128`.
+        beta2: float in (0, 1]. EMA of the statistics and of Adam's second
+            moment. Defaults to `0.999`.
+        precondition_every: int. Steps between inverse-root recomputations.
+            Defaults to `10`.
+        start_preconditioning_step: int. First step with Shampoo's direction
+            (Adam's before). Defaults to `10`.
+        nesterov: bool. Nesterov momentum (β1 = 0.9). Defaults to `True`.
+        root_method: str. `"auto"`, `"eigh"` or `"newton"`. Defaults to `"auto"`.
+
+    Returns:
+        A `funmatch_keras.shampoo.Shampoo`.
+
+    Example:
+    >>> opt = shampoo(lr=1e-2, weight_decay=1e-5, total_steps=1000, warmup_steps=100)
+    >>> round(opt.weight_decay, 6), opt.block_size, opt.nesterov
+    (0.001, 128, True)
+    """
+    if lr <= 0:
+        raise ValueError(f"`lr` must be > 0. Received: lr={lr}")
+    if weight_decay < 0:
+        raise ValueError(f"`weight_decay` must be >= 0. Received: weight_decay={weight_decay}")
+    optimizer = Shampoo(
+        learning_rate=warmup_cosine(lr, total_steps, warmup_steps),
+        weight_decay=weight_decay / lr,
+        beta1=0.9,
+        beta2=beta2,
+        epsilon=1e-8,
+        block_size=block_size,
+        precondition_every=precondition_every,
+        start_preconditioning_step=start_preconditioning_step,
+        nesterov=nesterov,
+        root_method=root_method,
         global_clipnorm=clipnorm,
     )
     optimizer.exclude_from_weight_decay(var_names=[_NOT_A_KERNEL])
