@@ -19,13 +19,42 @@ import keras
 import ml_collections
 from absl import logging
 
-from funmatch_keras import configs, data, models, optim, sources, workdir as workdirs
+from funmatch_keras import configs, data, models, optim, recipe, sources, workdir as workdirs
 from funmatch_keras.configs import TeacherSpec
 
 
 def source(config: ml_collections.ConfigDict, split: str) -> sources.Source:
-    """The config's dataset split (`"train"`, `"validation"` or `"test"`)."""
-    return sources.source_for(config.dataset, split, config.data_dir)
+    """The config's dataset split (`"train"`, `"validation"` or `"test"`).
+
+    `config.<split>_split` (e.g. `train_split="train[:80%]"`) is the tfds split
+    to read; None takes the preset's (`recipe.split_names`). A `dataset` that
+    is not a preset is a tfds name and needs all three split fields.
+
+    Raises:
+        ValueError: an unknown split role, or a tfds dataset without its split.
+
+    Example:
+    >>> config = configs.apply_overrides(configs.load_config("pets37"), {
+    ...     "dataset": "cifar10", "train_split": "train[:90%]"})
+    >>> source(config, "test")
+    Traceback (most recent call last):
+    ...
+    ValueError: dataset='cifar10' is not a preset (...): set --config.test_split to its ...
+    """
+    if split not in recipe.SPLIT_ROLES:
+        raise ValueError(f"Unknown split. Expected one of {recipe.SPLIT_ROLES}. "
+                         f"Received: split={split!r}")
+    field = f"{split}_split"
+    tfds_split = config.get(field)
+    if tfds_split is None:
+        if config.dataset == recipe.DIGITS or config.dataset in recipe.PRESETS:
+            return sources.source_for(config.dataset, split, config.data_dir)
+        raise ValueError(
+            f"dataset={config.dataset!r} is not a preset ({', '.join(recipe.DATASETS)}): "
+            f"set --config.{field} to its tfds {split} split (e.g. 'train[90%:]' or 'test').")
+    preset = recipe.PRESETS.get(config.dataset)
+    tfds_name = preset.tfds_name if preset is not None else config.dataset
+    return sources.tfds_source(tfds_name, tfds_split, config.data_dir, preset_splits=False)
 
 
 def num_classes(config: ml_collections.ConfigDict, train_source: sources.Source) -> int:
@@ -46,7 +75,7 @@ def student(config: ml_collections.ConfigDict, num_classes: int) -> keras.Model:
     """The student of the config, with its initial weights if it names them."""
     model = models.build(config.student, num_classes, config.student_size, dtype=config.dtype)
     if config.student_weights:
-        models.load_weights(model, config.student_weights)
+        models.load_weights(model, config.student_weights, new_head="if_needed")
     return model
 
 
@@ -64,7 +93,7 @@ def untrained_teacher(config: ml_collections.ConfigDict, spec: TeacherSpec,
     """The teacher of `spec`, built (weights loaded if it names them), not yet frozen."""
     model = models.build(spec.model, num_classes, spec.size, dtype=teacher_dtype(config))
     if spec.weights:
-        models.load_weights(model, spec.weights)
+        models.load_weights(model, spec.weights, new_head="if_needed")
     return model
 
 
@@ -74,12 +103,28 @@ def teachers(config: ml_collections.ConfigDict, num_classes: int,
 
     A teacher without weights is loaded from the workdir, where
     `supervised.train_missing_teachers` saved it after training it with labels.
-    BiT teachers get their weight standardization folded into the kernels
-    (frozen: standardized once instead of at every step). Call it inside the
-    replication scope.
+    A teacher's weights file must hold a head for `num_classes` classes (a head
+    of another class count is an error, never a silently zero head). BiT
+    teachers get their weight standardization folded into the kernels (frozen:
+    standardized once instead of at every step). Each teacher is then checked
+    once: a fixed input size must be its configured `size` (`teacher_size`),
+    and, run on one random image, it must output finite logits, not
+    probabilities. Call it inside the replication scope.
 
     Raises:
         FileNotFoundError: a teacher that needs labels was not trained yet.
+        ValueError: a teacher whose weights do not fit (another class count, a
+            truncated file), whose fixed input size is not its configured size,
+            or that outputs probabilities (a final softmax) or non-finite values.
+
+    Example (a `.keras` teacher; one with a final softmax is refused):
+    >>> import tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> path = os.path.join(workdir, "teacher.keras")
+    >>> models.build("cnn:8", num_classes=10, image_size=16).save(path)
+    >>> config = configs.apply_overrides(configs.load_config("digits"), {"teacher": path})
+    >>> [t.output_shape for t in teachers(config, 10, workdir)]
+    [(None, 10)]
     """
     specs = configs.teacher_specs(config)
     built = []
@@ -92,21 +137,44 @@ def teachers(config: ml_collections.ConfigDict, num_classes: int,
                     f"has no trained {os.path.basename(path)}: run `funmatch distill` with "
                     "--config.teacher_epochs > 0 there first, or give the teacher weights.")
             logging.info("Using the teacher trained with labels: %s", path)
-            model = keras.saving.load_model(path, safe_mode=True)
+            model, origin = models.load_keras_file(path), path
         else:
-            model = untrained_teacher(config, spec, num_classes)
+            model = models.build(spec.model, num_classes, spec.size, dtype=teacher_dtype(config))
+            origin = spec.weights or spec.model
+            if spec.weights:
+                # Explicitly strict: a teacher distils with the head it was trained
+                # with; a zero head would "teach" uniform outputs (10% top-1).
+                models.load_weights(model, spec.weights, head="auto", new_head=False)
         if any(isinstance(layer, models.StdConv2D) for layer in model.layers):
             model = models.fold_weight_standardization(model)
+        flag = ("--config.teacher_size" if len(specs) == 1 else
+                f"the size of teacher {index} (its 'size' in --config.teachers, or "
+                "its entry of --config.teacher_size)")
+        models.check_teacher(model, spec.size, name=origin, size_flag=flag)
         built.append(model)
     return built
 
 
 def optimizer(config: ml_collections.ConfigDict, total_steps: int,
               warmup_steps: int | None = None) -> keras.optimizers.Optimizer:
-    """The paper's AdamW on warmup + cosine (`config.warmup_steps` unless given)."""
-    warmup = config.warmup_steps if warmup_steps is None else warmup_steps
-    return optim.adamw(config.lr, config.weight_decay, total_steps,
-                       min(warmup, total_steps - 1))
+    """`config.optimizer` (AdamW or Shampoo), warmup + cosine (`config.warmup_steps` unless given).
+
+    Example:
+    >>> config = configs.apply_overrides(configs.load_config("digits"), {"optimizer": "shampoo"})
+    >>> type(optimizer(config, total_steps=100)).__name__
+    'Shampoo'
+    """
+    warmup = min(config.warmup_steps if warmup_steps is None else warmup_steps, total_steps - 1)
+    if config.optimizer == "shampoo":
+        return optim.shampoo(
+            config.lr, config.weight_decay, total_steps, warmup,
+            block_size=config.shampoo_block_size, beta2=config.shampoo_beta2,
+            precondition_every=config.shampoo_precondition_every,
+            start_preconditioning_step=config.shampoo_start_preconditioning_step)
+    if config.optimizer != "adamw":
+        raise ValueError("`optimizer` must be 'adamw' or 'shampoo'. "
+                         f"Received: optimizer={config.optimizer!r}")
+    return optim.adamw(config.lr, config.weight_decay, total_steps, warmup)
 
 
 def jit_compile(setting: bool | None = None) -> bool:

@@ -2,13 +2,15 @@
 
 A checkpoint is a directory `ckpt-<step:09d>/` holding
 
-- `student.weights.h5`: `student.save_weights` (the student alone);
-- `optimizer.npz`: every `optimizer.variables` array, keyed `v00000`, `v00001`, ...;
+- `student.npz`: every `student.weights` array, keyed `v00000`, `v00001`, ...
+  (format 1 had `student.weights.h5` from `save_weights`; both are restored);
+- `optimizer.npz`: every `optimizer.variables` array, keyed the same way;
 - `state.json`: step, epoch, user metadata, and the paths, shapes and dtypes of
   the student's and the optimizer's variables (checked before restoring).
 
-It is written into `.tmp-ckpt-<step>-<pid>/`, its files fsynced, then renamed into
-place, so a crash mid-write never leaves a half checkpoint where `latest()` looks;
+The state is copied to host memory first, so the files can be written by a
+background thread (`save_in_background`) while training goes on. It is written
+into `.tmp-ckpt-<step>-<pid>/`, its files fsynced, then renamed into place, so a crash mid-write never leaves a half checkpoint where `latest()` looks;
 leftover temporary directories are removed when a manager starts. Only plain
 Keras APIs and NumPy are used, so checkpoints work under the TensorFlow and JAX
 backends alike. The teacher is frozen and never stored: "since we don't ever
@@ -28,25 +30,42 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import threading
 import time
-from typing import Any
+import zipfile
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 from absl import logging
 
-STUDENT_FILE = "student.weights.h5"
+STUDENT_ARRAYS_FILE = "student.npz"
+STUDENT_FILE = "student.weights.h5"  # format 1; still restored
 OPTIMIZER_FILE = "optimizer.npz"
 STATE_FILE = "state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 # In-progress writes and replaced checkpoints; never visible to `latest()`.
 _TEMP_PREFIXES = (".tmp-ckpt-", ".old-ckpt-")
+
+
+class _Snapshot(NamedTuple):
+    """A checkpoint's content in host memory, ready to be written."""
+
+    step: int
+    student_arrays: list
+    optimizer_arrays: list
+    state_text: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.student_arrays, *self.optimizer_arrays))
 
 
 class NonFiniteWeightsError(ValueError):
@@ -102,6 +121,8 @@ class CheckpointManager:
         self.directory = os.fspath(directory)
         self.keep = keep
         os.makedirs(self.directory, exist_ok=True)
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
         if clean_temp:
             self.clean_temp()
 
@@ -178,6 +199,63 @@ class CheckpointManager:
         >>> os.path.basename(CheckpointManager(tempfile.mkdtemp()).save(7, student, optimizer))
         'ckpt-000000007'
         """
+        self.wait()
+        return self._write(self._snapshot(step, student, optimizer, metadata, epoch))
+
+    def save_in_background(
+        self,
+        step: int,
+        student: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        metadata: dict | None = None,
+        epoch: int | None = None,
+    ) -> str:
+        """`save`, with the files written by a thread while training goes on.
+
+        The state is copied to host memory (and checked finite) now; the write,
+        fsync, rename and pruning happen in the thread. One write is in flight at
+        a time: a save waits for the previous one. A write's error (e.g. a full
+        disk) is raised by the next `save*` or `wait`. A crash mid-write leaves
+        only a temporary directory, so the previous checkpoint stays the latest.
+
+        Returns:
+            The directory the checkpoint will have.
+
+        Example:
+        >>> import tempfile
+        >>> student = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> optimizer = keras.optimizers.SGD()
+        >>> optimizer.build(student.trainable_variables)
+        >>> manager = CheckpointManager(tempfile.mkdtemp())
+        >>> _ = manager.save_in_background(3, student, optimizer)
+        >>> manager.wait()
+        >>> manager.all_steps()
+        [3]
+        """
+        snapshot = self._snapshot(step, student, optimizer, metadata, epoch)
+        self.wait()
+        self._writer = threading.Thread(target=self._write_recording_errors, args=(snapshot,),
+                                        name=f"checkpoint-{snapshot.step}",
+                                        daemon=True)  # an exit mid-write leaves a temp dir
+        self._writer.start()
+        return self.path_for(snapshot.step)
+
+    def wait(self) -> None:
+        """Blocks until a background write is done; raises its error if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._write_error = self._write_error, None
+        if error is not None:
+            raise error
+
+    def _write_recording_errors(self, snapshot: "_Snapshot") -> None:
+        try:
+            self._write(snapshot)
+        except BaseException as error:  # raised in the training thread by `wait`
+            self._write_error = error
+
+    def _snapshot(self, step, student, optimizer, metadata, epoch) -> "_Snapshot":
         step = int(step)
         if step < 0:
             raise ValueError(f"`step` must be >= 0. Received: step={step}")
@@ -186,8 +264,10 @@ class CheckpointManager:
                 "The optimizer is not built, so it has no state to save: call "
                 "`optimizer.build(student.trainable_variables)` or train first."
             )
-        optimizer_arrays = [_to_numpy(v) for v in optimizer.variables]
-        _check_finite(student.weights, [_to_numpy(w) for w in student.weights], step)
+        # np.array copies: the training thread keeps updating the variables.
+        student_arrays = [np.array(_to_numpy(w)) for w in student.weights]
+        optimizer_arrays = [np.array(_to_numpy(v)) for v in optimizer.variables]
+        _check_finite(student.weights, student_arrays, step)
         _check_finite(optimizer.variables, optimizer_arrays, step)
         state = {
             "format": FORMAT_VERSION,
@@ -199,18 +279,22 @@ class CheckpointManager:
             "optimizer_variables": _describe(optimizer.variables),
         }
         state_text = json.dumps(state, indent=2)  # fails early if metadata is not JSON
+        return _Snapshot(step, student_arrays, optimizer_arrays, state_text)
 
+    def _write(self, snapshot: "_Snapshot") -> str:
+        step = snapshot.step
         final = self.path_for(step)
         temp = os.path.join(self.directory, f".tmp-ckpt-{step}-{os.getpid()}")
         shutil.rmtree(temp, ignore_errors=True)
         os.makedirs(temp)
         try:
-            student.save_weights(os.path.join(temp, STUDENT_FILE))
-            with open(os.path.join(temp, OPTIMIZER_FILE), "wb") as f:
-                np.savez(f, **{f"v{i:05d}": a for i, a in enumerate(optimizer_arrays)})
+            for name, arrays in ((STUDENT_ARRAYS_FILE, snapshot.student_arrays),
+                                 (OPTIMIZER_FILE, snapshot.optimizer_arrays)):
+                with open(os.path.join(temp, name), "wb") as f:
+                    np.savez(f, **{f"v{i:05d}": a for i, a in enumerate(arrays)})
             # state.json last: `all_steps` requires it, marking a complete checkpoint.
             with open(os.path.join(temp, STATE_FILE), "w") as f:
-                f.write(state_text)
+                f.write(snapshot.state_text)
             for name in os.listdir(temp):
                 _fsync_file(os.path.join(temp, name))
             _fsync_dir(temp)
@@ -222,6 +306,18 @@ class CheckpointManager:
             else:
                 os.replace(temp, final)
             _fsync_dir(self.directory)
+        except OSError as error:
+            shutil.rmtree(temp, ignore_errors=True)
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            free = shutil.disk_usage(self.directory).free
+            raise CheckpointWriteError(
+                error.errno,
+                f"No space left to write checkpoint {step} in {self.directory!r} "
+                f"({free / 2**20:,.0f} MiB free; one checkpoint needs about "
+                f"{snapshot.nbytes / 2**20:,.0f} MiB). Nothing half-written was left and "
+                "the older checkpoints are intact: free some space (or lower "
+                "keep_checkpoints) and rerun the same command to resume.") from None
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
@@ -229,8 +325,15 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
-        for step in self.all_steps()[: -self.keep]:
-            shutil.rmtree(self.path_for(step), ignore_errors=True)
+        # Counted in intact checkpoints: a newer damaged one never costs a good one.
+        steps = self.all_steps()
+        intact = [step for step in steps if _intact(self.path_for(step))]
+        if len(intact) <= self.keep:
+            return
+        oldest_kept = intact[-self.keep]
+        for step in steps:
+            if step < oldest_kept:
+                shutil.rmtree(self.path_for(step), ignore_errors=True)
 
     # -- restoring -------------------------------------------------------------
 
@@ -252,19 +355,63 @@ class CheckpointManager:
                 on `student.trainable_variables` first if it is not built.
             path: str. A checkpoint directory. Defaults to `latest()`.
 
+        Without `path`, the newest checkpoint that loads is used: a damaged one
+        (a truncated file, a broken `state.json`) is skipped with a warning that
+        says why, and left in place.
+
         Returns:
-            The state dict: `step`, `epoch`, `metadata`, variable descriptions.
+            The state dict: `step`, `epoch`, `metadata`, variable descriptions,
+            and `path`, the checkpoint restored.
 
         Raises:
-            FileNotFoundError: no checkpoint.
-            ValueError: the checkpoint does not match the student or optimizer.
+            FileNotFoundError: no checkpoint, or none that loads.
+            CheckpointMismatchError (a `ValueError`): the checkpoint does not
+                match the student or optimizer.
         """
-        if path is None:
-            latest = self.latest()
-            if latest is None:
-                raise FileNotFoundError(f"No checkpoint in {self.directory!r}.")
-            path = latest[1]
-        return restore(student, optimizer, path)
+        if path is not None:
+            return restore(student, optimizer, path)
+        problems = []
+        for step in reversed(self.all_steps()):
+            candidate = self.path_for(step)
+            try:
+                state = restore(student, optimizer, candidate)
+            except CheckpointMismatchError:
+                raise
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+                problems.append(f"{os.path.basename(candidate)}: {error}")
+                logging.warning("Checkpoint %s is damaged (%s); trying the one before.",
+                                candidate, error)
+                print(f"Skipping damaged checkpoint {candidate} ({error}).", flush=True)
+                continue
+            return state
+        if not problems:
+            raise FileNotFoundError(f"No checkpoint in {self.directory!r}.")
+        raise FileNotFoundError(
+            f"No checkpoint in {self.directory!r} loads ({'; '.join(problems)}). Move the "
+            "checkpoints directory aside to start this run over.")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds variables of another architecture or optimizer."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); older ones are intact."""
+
+
+def _intact(path: str) -> bool:
+    """Cheap check: state.json parses and each .npz's zip directory reads."""
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            json.load(f)
+        for name in (STUDENT_ARRAYS_FILE, OPTIMIZER_FILE):
+            file = os.path.join(path, name)
+            if os.path.exists(file):
+                with zipfile.ZipFile(file) as archive:
+                    archive.namelist()
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+    return True
 
 
 def _check_finite(variables, arrays, step: int) -> None:
@@ -289,7 +436,7 @@ def _check_match(what: str, stored: list[dict], variables, path: str) -> None:
             f"{what} variable {i} ({variables[i].path!r}) has shape {shapes[i]} "
             f"but the checkpoint's ({stored[i]['path']!r}) has {stored_shapes[i]}"
         )
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"Checkpoint {path!r} does not match: {detail}. It was saved from a "
         "different architecture or optimizer; build the same student (spec, "
         "num_classes, image size) and optimizer, or use another workdir."
@@ -306,17 +453,33 @@ def restore(
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"{path!r} is not a complete checkpoint (no {STATE_FILE}).")
     with open(state_path) as f:
-        state = json.load(f)
+        try:
+            state = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{STATE_FILE} is not valid JSON ({error})") from None
     _check_match("student", state["student_variables"], student.weights, path)
-    arrays = None
     if optimizer is not None:
         if not optimizer.built:
             optimizer.build(student.trainable_variables)
         _check_match("optimizer", state["optimizer_variables"], optimizer.variables, path)
-        with np.load(os.path.join(path, OPTIMIZER_FILE), allow_pickle=False) as npz:
-            arrays = [npz[f"v{i:05d}"] for i in range(len(optimizer.variables))]
-    student.load_weights(os.path.join(path, STUDENT_FILE))
-    if arrays is not None:
-        for variable, array in zip(optimizer.variables, arrays):
-            variable.assign(array)
+    # Everything is read before anything is assigned: a damaged file leaves the
+    # models untouched (and `CheckpointManager.restore` tries an older checkpoint).
+    assignments = []
+    if optimizer is not None:
+        assignments += zip(optimizer.variables,
+                           _read_arrays(os.path.join(path, OPTIMIZER_FILE),
+                                        len(optimizer.variables)))
+    student_arrays = os.path.join(path, STUDENT_ARRAYS_FILE)
+    if os.path.isfile(student_arrays):
+        assignments += zip(student.weights, _read_arrays(student_arrays, len(student.weights)))
+    else:  # format 1
+        student.load_weights(os.path.join(path, STUDENT_FILE))
+    for variable, array in assignments:
+        variable.assign(array)
+    state["path"] = path
     return state
+
+
+def _read_arrays(path: str, count: int) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return [npz[f"v{i:05d}"] for i in range(count)]

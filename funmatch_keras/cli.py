@@ -24,8 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Exit codes: 0 done, 2 bad input (the message says the fix), 3 training stopped
 # early (NaN; the last good checkpoint is kept), 4 stopped by SIGTERM/SIGINT after
-# saving a checkpoint (rerun the same command to resume).
-EXIT_BAD_INPUT, EXIT_TRAINING_STOPPED, EXIT_PREEMPTED = 2, 3, 4
+# saving a checkpoint (rerun the same command to resume), 5 no space left to
+# write a checkpoint (older ones are intact; free space and rerun).
+EXIT_BAD_INPUT, EXIT_TRAINING_STOPPED, EXIT_PREEMPTED, EXIT_NO_SPACE = 2, 3, 4, 5
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -78,9 +79,19 @@ def _export(args: argparse.Namespace) -> int:
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     report = run_export(args.workdir, formats, overwrite=args.overwrite,
-                        num_images=args.num_images)
+                        num_images=args.num_images, out_dir=args.output_dir)
     print(format_report(report))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (default: 500)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(pets37:variant=fast) or a .py file; --config.FIELD=VALUE overrides")
         command.add_argument("--workdir", required=True, help=workdir_help)
         command.add_argument("--overwrite", action="store_true",
-                             help="allow a workdir that holds another config")
+                             help="start from nothing: delete the workdir's previous run "
+                             "(config, checkpoints, trained teacher, logs, report) first; "
+                             "without it a workdir of another config is refused")
         command.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0, 1 or 2")
         command.add_argument("--strategy", default=None, help="auto (default: TPU, then "
                              "several GPUs, then TF_CONFIG workers), tpu, mirrored, "
@@ -124,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--workdir", required=True, help="a workdir holding student.keras")
     export.add_argument("--formats", default="keras,saved_model,tflite_fp32,tflite_fp16,"
                         "tflite_dynamic,tflite_int8", help="comma-separated artifact kinds")
-    export.add_argument("--num_images", type=int, default=500,
-                        help="eval images for parity checks and int8 calibration")
+    export.add_argument("--num_images", type=_positive_int, default=500,
+                        help="eval images for parity checks and int8 calibration (>= 1)")
+    export.add_argument("--output_dir", default=None,
+                        help="where the artifacts go (default: <workdir>/export), e.g. "
+                        "when the workdir cannot be written")
     export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     export.set_defaults(run=_export)
     return parser
@@ -150,17 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(rest)
     args.overrides = overrides
+    from funmatch_keras.checkpoint import CheckpointWriteError
     from funmatch_keras.loop import Preempted, TrainingError
 
     try:
         return args.run(args)
+    except CheckpointWriteError as error:  # disk full; older checkpoints intact
+        print(f"funmatch {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_NO_SPACE
     except Preempted as error:  # SIGTERM/SIGINT: saved; the same command resumes
         print(f"funmatch {args.command}: {error}", file=sys.stderr)
         return EXIT_PREEMPTED
     except TrainingError as error:  # stopped early (NaN); checkpoints are intact
         print(f"funmatch {args.command}: {error}", file=sys.stderr)
         return EXIT_TRAINING_STOPPED
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as error:
         print(f"funmatch {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

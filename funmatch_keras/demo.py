@@ -19,8 +19,8 @@ import time
 import keras
 import numpy as np
 
-from funmatch_keras import (atomic, build, configs, data, distribute, loop, supervised,
-                            workdir as workdirs)
+from funmatch_keras import (atomic, build, configs, data, distribute, loop, steplog, supervised,
+                            workdir as workdirs, workdir_lock)
 from funmatch_keras.distiller import Distiller
 from funmatch_keras.sources import digits_source
 
@@ -65,6 +65,12 @@ def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
     Example:
     >>> report = run_demo("/tmp/funmatch_demo", epochs=2, teacher_epochs=1)  # doctest: +SKIP
     """
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lock.hold(workdir):  # one demo per workdir at a time
+        return _run_demo(workdir, verbose, **overrides)
+
+
+def _run_demo(workdir: str, verbose: int, **overrides) -> dict:
     config = configs.load_config("digits")
     config = configs.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
     configs.validate(config)
@@ -110,7 +116,9 @@ def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
         every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
         every_minutes=config.checkpoint_every_minutes,
         steps_per_epoch=steps, epochs=config.epochs, name="distillation", saved=student,
-        callbacks=[distilled_curve], verbose=verbose)
+        callbacks=[steplog.StepLogger(batch_size=batch_size, steps_per_epoch=steps,
+                                      total_steps=total_steps, verbose=verbose),
+                   distilled_curve], verbose=0)
 
     _log(verbose, "[3/3] Baseline: the same student architecture trained with labels.")
     keras.utils.set_random_seed(config.seed + 1)  # same initial weights as the student
@@ -122,7 +130,7 @@ def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
         steps_per_epoch=steps, epochs=config.epochs,
         checkpoint_dir=os.path.join(workdir, BASELINE_CHECKPOINTS), replicas=replicas,
         seed=config.seed, area_range=area_range, name="baseline training",
-        callbacks=[baseline_curve], verbose=verbose)
+        callbacks=[baseline_curve], log_every_steps=steps, verbose=verbose)
 
     rows = {
         "teacher": _scores(teacher, test_images, test_labels, teacher_predictions),

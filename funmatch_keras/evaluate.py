@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 
-import keras
-
-from funmatch_keras import build, configs, data, workdir as workdirs
+from funmatch_keras import build, configs, data, models, steplog, workdir as workdirs
 from funmatch_keras.distiller import Distiller
 
 
@@ -29,7 +27,7 @@ def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, float]:
     if not os.path.exists(student_path):
         raise FileNotFoundError(f"No {workdirs.STUDENT_FILE} in {workdir!r}: run "
                                 "`funmatch distill` (or `funmatch demo`) first.")
-    student = keras.saving.load_model(student_path, safe_mode=True)
+    student = models.load_keras_file(student_path)  # safe_mode; clear if truncated
     source = build.source(config, split)
     teachers = build.teachers(config, source.num_classes, workdir)
     distiller = Distiller(teachers if len(teachers) > 1 else teachers[0], student,
@@ -38,4 +36,4 @@ def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, float]:
     ds = data.eval_pipeline(source, size=config.student_size,
                             batch_size=config.eval_batch_size,
                             teacher_size=configs.teacher_sizes(config))
-    return {k: float(v) for k, v in distiller.evaluate(ds, verbose=0, return_dict=True).items()}
+    return steplog.evaluate(distiller, ds)

@@ -9,6 +9,7 @@ order or sharding.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -16,6 +17,7 @@ import tensorflow as tf
 from funmatch_keras.sources import Source
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_MAX_LISTED = 20
 
 
 def tfrecord_source(
@@ -39,8 +41,30 @@ def tfrecord_source(
     Returns:
         A `Source` of encoded images, split by file when sharded.
 
+    Raises:
+        ValueError: no files match; they hold no records; a file is truncated
+            or corrupt (the error names it); or the first record has no
+            `image_key` bytes / `label_key` int64 feature (the error lists the
+            keys it has).
+
     Example:
-    >>> src = tfrecord_source("/data/pets/train-*", num_classes=37)  # doctest: +SKIP
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "train-00000")
+    >>> feature = {
+    ...     "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
+    ...         value=[tf.io.encode_png(tf.zeros([4, 4, 3], tf.uint8)).numpy()])),
+    ...     "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))}
+    >>> with tf.io.TFRecordWriter(path) as writer:
+    ...     writer.write(tf.train.Example(features=tf.train.Features(
+    ...         feature=feature)).SerializeToString())
+    >>> src = tfrecord_source(path, image_key="image/encoded",
+    ...                       label_key="image/class/label")
+    >>> src.num_examples, src.num_classes
+    (1, 2)
+    >>> tfrecord_source(path)  # the default keys: the error lists the keys found
+    Traceback (most recent call last):
+    ...
+    ValueError: The records of '...' have no feature 'image', ... Keys found: ...
     """
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
@@ -54,9 +78,13 @@ def tfrecord_source(
     counts = tf.data.Dataset.from_tensor_slices(files).map(
         lambda f: tf.data.TFRecordDataset(f).reduce(np.int64(0), lambda n, _: n + 1),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    counts = np.fromiter(counts.as_numpy_iterator(), np.int64, len(files))
+    try:
+        counts = np.fromiter(counts.as_numpy_iterator(), np.int64, len(files))
+    except tf.errors.OpError as error:  # DataLossError: truncated or corrupt
+        raise _unreadable_file(files, pattern, error) from error
     if counts.sum() == 0:
         raise ValueError(f"The TFRecord files matching {pattern!r} hold no records.")
+    _check_features(files[int(np.flatnonzero(counts)[0])], image_key, label_key)
     first_index = np.cumsum(counts) - counts
 
     def records(file_ids: np.ndarray) -> tf.data.Dataset:
@@ -98,6 +126,69 @@ def tfrecord_source(
         )
 
     return source(np.arange(len(files)), f"tfrecord:{pattern}")
+
+
+def _op_message(error: tf.errors.OpError) -> str:
+    """The reason of a TensorFlow error, without its function and iterator prefixes."""
+    message = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]( name:)?", "", error.message)
+    return re.sub(r"^.*Iterator::[\w:]+: ", "", message, flags=re.S).strip()
+
+
+def _unreadable_file(files: list[str], pattern: str, error: tf.errors.OpError
+                     ) -> ValueError:
+    """The error naming the first TFRecord file of `files` that cannot be read."""
+    for path in files:  # one by one: the parallel pass does not say which failed
+        try:
+            tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1)
+        except tf.errors.OpError as file_error:
+            return ValueError(
+                f"The TFRecord file {path!r} is truncated or corrupt "
+                f"({_op_message(file_error)}): re-create or re-download it, or leave "
+                f"it out of the pattern {pattern!r}. (Compressed files, e.g. GZIP, "
+                "are not read: decompress them.)")
+    return ValueError(f"Reading the TFRecord files matching {pattern!r} failed: "
+                      f"{_op_message(error)}")
+
+
+def _check_features(path: str, image_key: str, label_key: str) -> None:
+    """Checks the first record of `path` has the image (bytes) and label (int64)."""
+    from google.protobuf.message import DecodeError
+
+    record = next(iter(tf.data.TFRecordDataset(path).take(1))).numpy()
+    try:
+        example = tf.train.Example.FromString(record)
+    except DecodeError as error:
+        raise ValueError(
+            f"The first record of {path!r} is not a tf.train.Example ({error}): "
+            "tfrecord_source reads Examples with an encoded image and an int64 "
+            "label.") from None
+    kinds = {key: example.features.feature[key].WhichOneof("kind")
+             for key in sorted(example.features.feature)}
+    names = {"bytes_list": "bytes", "int64_list": "int64", "float_list": "float",
+             None: "empty"}
+    listed = ", ".join(f"{key!r} ({names[kind]})"
+                       for key, kind in list(kinds.items())[:_MAX_LISTED])
+    if len(kinds) > _MAX_LISTED:
+        listed += f", ... ({len(kinds)} in all)"
+    problems = []
+    for key, kind, arg, role in ((image_key, "bytes_list", "image_key", "the encoded image"),
+                                 (label_key, "int64_list", "label_key", "the class index")):
+        if kinds.get(key) == kind:
+            continue
+        candidates = [k for k, found in kinds.items() if found == kind]
+        def a(kind):
+            return ("an " if names[kind][0] in "aeiou" else "a ") + names[kind]
+
+        what = (f"no feature {key!r}" if key not in kinds else
+                f"{key!r} as {a(kinds[key])} feature")
+        problems.append(
+            f"{what}, but {role} must be {a(kind)} feature: pass {arg}=<its key>"
+            + (f" ({names[kind]} features: {', '.join(map(repr, candidates))})"
+               if candidates else ""))
+    if problems:
+        raise ValueError(
+            f"The records of {path!r} have " + "; and ".join(problems)
+            + f". Keys found: {listed or 'none'}.")
 
 
 def folder_source(root: str) -> Source:

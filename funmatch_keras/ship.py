@@ -9,12 +9,13 @@ dataset named in `<workdir>/config.json` (`workdir_images`) and hands them to
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from funmatch_keras import configs, data, export, sources
+from funmatch_keras import build, configs, data, export
 from funmatch_keras import workdir as workdirs
 from funmatch_keras.verify import load_keras_model
 
@@ -49,12 +50,20 @@ def run_export(
             logit differences are meaningful but the agreement is not (the
             report marks `eval_data: synthetic`).
         representative_data: int8 calibration images. Defaults to `None`.
-        out_dir: str. Defaults to `<workdir>/export`.
-        num_images: int. Eval and calibration images drawn from the workdir's
-            dataset. Defaults to 500.
+        out_dir: str. Where the artifacts go (`funmatch export --output_dir`),
+            e.g. when the workdir cannot be written. Defaults to
+            `<workdir>/export`.
+        num_images: int >= 1. Eval and calibration images drawn from the
+            workdir's dataset. Defaults to 500.
 
     Returns:
         The report of `export.export_all`.
+
+    Raises:
+        FileNotFoundError: the workdir has no `student.keras`.
+        ValueError: `num_images` < 1, or a truncated `student.keras`.
+        PermissionError: `out_dir` cannot be created or written (the message
+            names `--output_dir`).
 
     Example (a workdir with only `student.keras`, so the parity check uses
     random images):
@@ -70,6 +79,11 @@ def run_export(
     >>> sorted(os.listdir(os.path.join(workdir, "export")))
     ['export_report.json', 'saved_model', 'student_fp32.tflite']
     """
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(
+            "num_images must be a positive number of images for the parity check "
+            f"and int8 calibration: pass --num_images=500 (the default) or another "
+            f"count >= 1. Received: num_images={num_images!r}")
     workdir = Path(workdir)
     student_path = workdir / workdirs.STUDENT_FILE
     if not student_path.is_file():
@@ -77,8 +91,9 @@ def run_export(
             f"no trained student at {student_path}: run `funmatch distill` or "
             f"`funmatch demo` first"
         )
-    model = load_keras_model(student_path)
     out_dir = Path(out_dir) if out_dir is not None else workdir / EXPORT_DIR
+    check_writable_dir(out_dir)
+    model = load_keras_model(student_path)
     if eval_images is None and (workdir / workdirs.CONFIG_FILE).is_file():
         eval_images, calibration = workdir_images(workdir, num_images)
         if representative_data is None:
@@ -106,6 +121,35 @@ def run_export(
     )
 
 
+def check_writable_dir(directory: str | os.PathLike) -> None:
+    """Creates `directory` if needed and checks a file can be written in it.
+
+    Raises:
+        PermissionError: it cannot be created or written; the message names
+            `--output_dir` (`run_export(out_dir=...)`).
+
+    Example:
+    >>> import tempfile
+    >>> check_writable_dir(os.path.join(tempfile.mkdtemp(), "export"))
+    >>> blocker = tempfile.mkstemp()[1]  # a file where a directory should be
+    >>> check_writable_dir(os.path.join(blocker, "export"))
+    Traceback (most recent call last):
+    ...
+    PermissionError: Cannot write the export to ...: pass --output_dir=... (run_export(out_dir=...)).
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise PermissionError(
+            f"Cannot write the export to {directory} ({error.strerror or error}): "
+            "pass --output_dir=<a writable directory> (run_export(out_dir=...))."
+        ) from error
+
+
 def workdir_images(
     workdir: str | os.PathLike, num_images: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +172,7 @@ def workdir_images(
     config = configs.from_json(config_path.read_text())
 
     def images(split: str) -> np.ndarray:
-        source = sources.source_for(config.dataset, split, config.data_dir)
+        source = build.source(config, split)  # the config's splits, tfds or digits
         batches = data.eval_pipeline(source, size=config.student_size, batch_size=256)
         batches = batches.take(-(-num_images // 256)).as_numpy_iterator()
         return np.concatenate([x for x, _ in batches])[:num_images]

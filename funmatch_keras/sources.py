@@ -125,7 +125,8 @@ class Source:
 
 
 def tfds_source(
-    name_or_preset: str, split: str | None = None, data_dir: str | None = None
+    name_or_preset: str, split: str | None = None, data_dir: str | None = None,
+    *, preset_splits: bool = True,
 ) -> Source:
     """A tfds dataset (already prepared on disk; never downloads).
 
@@ -136,6 +137,9 @@ def tfds_source(
             any other string is a raw tfds split (`"train[:10%]"`). Defaults to
             `"train"`.
         data_dir: str. tfds data directory. Defaults to tfds's default.
+        preset_splits: bool. False: `split` is a tfds split even when it reads
+            `"validation"` (and `name_or_preset` a tfds name, e.g. `"food101"`,
+            whose preset trains on `"train[:90%]"`). Defaults to True.
 
     Returns:
         A `Source` of encoded images.
@@ -146,7 +150,7 @@ def tfds_source(
     """
     import tensorflow_datasets as tfds  # Heavy import; only needed here.
 
-    preset = PRESETS.get(name_or_preset)
+    preset = PRESETS.get(name_or_preset) if preset_splits else None
     split = split or "train"
     if preset is not None:
         tfds_name = preset.tfds_name
@@ -202,28 +206,51 @@ def array_source(
     images: np.ndarray,
     labels: np.ndarray,
     num_classes: int | None = None,
-    in_max: float = 255.0,
+    in_max: float | None = None,
     name: str = "arrays",
+    value_range: tuple[float, float] | None = None,
 ) -> Source:
-    """In-memory images, e.g. scikit-learn's digits.
+    """In-memory images, e.g. scikit-learn's digits, checked once here.
+
+    The pipeline takes decoded pixels in `[0, 255]` (`augment.value_range` then
+    maps them to `[-1, 1]`). uint8 images are taken as they are; any other
+    dtype needs its `value_range`, which is mapped linearly to `[0, 255]`
+    (float32). Images outside their stated range, non-finite pixels and labels
+    that are not class indices are errors. Float labels are accepted when every
+    one is a whole number (converted to int64).
 
     Args:
-        images: array `[N, H, W]` (grayscale) or `[N, H, W, C]` with C in {1, 3};
-            uint8 or float, values in `[0, in_max]`.
-        labels: int array `[N]` of class indices.
+        images: array `[N, H, W]` (grayscale) or `[N, H, W, C]` with C in {1, 3}:
+            uint8 (0..255), or float/integer with `value_range`.
+        labels: array `[N]` of integer class indices.
         num_classes: int. Defaults to `max(labels) + 1`.
-        in_max: float. Pixel value that means white; images are rescaled to
-            `[0, 255]`. Defaults to `255` (use `16` for `load_digits`).
+        in_max: float. Shorthand for `value_range=(0, in_max)` (e.g. `16` for
+            `load_digits`). Defaults to None.
         name: str. Identifies the data in the teacher-logits cache key.
+        value_range: `(low, high)`: the pixel values meaning black and white,
+            e.g. `(0, 1)` or `(0, 255)` for float images, `(0, 65535)` for
+            uint16. Required for every dtype but uint8. Defaults to None.
 
     Returns:
-        A `Source` of decoded `[H, W, 3]` images.
+        A `Source` of decoded `[H, W, 3]` images with values in `[0, 255]`.
+
+    Raises:
+        ValueError: bad shapes, a dtype without `value_range`, pixels outside
+            it or not finite, or labels that are not class indices.
 
     Example:
     >>> from sklearn.datasets import load_digits
     >>> d = load_digits()
     >>> array_source(d.images, d.target, in_max=16).num_classes
     10
+    >>> floats = np.random.default_rng(0).uniform(0, 1, [4, 8, 8, 3])
+    >>> src = array_source(floats, [0, 1, 0, 1], value_range=(0, 1))
+    >>> float(np.max([ex["image"].numpy().max() for ex in src.dataset()])) > 200
+    True
+    >>> array_source(floats, [0, 1, 0, 1])
+    Traceback (most recent call last):
+    ...
+    ValueError: images are float64, so their value range is needed: ...
     """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim == 3:
@@ -238,6 +265,7 @@ def array_source(
     if labels.shape != (len(images),):
         raise ValueError(f"Expected labels of shape ({len(images)},). "
                          f"Received: labels.shape={labels.shape}")
+    labels = _class_indices(labels)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
@@ -245,8 +273,7 @@ def array_source(
             f"Label out of range [0, {num_classes}) at example index {bad[0]}: "
             f"label={labels[bad[0]]}."
         )
-    if in_max != 255.0 or images.dtype != np.uint8:
-        images = images.astype(np.float32) * np.float32(255.0 / in_max)
+    images = _pixels_0_255(images, _stated_range(images.dtype, value_range, in_max))
 
     def make_dataset():
         ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
@@ -265,6 +292,88 @@ def array_source(
         encoded=False,
         make_dataset=make_dataset,
     )
+
+
+def _class_indices(labels: np.ndarray) -> np.ndarray:
+    """Labels as int64 class indices; whole-number floats are converted."""
+    if labels.dtype.kind in "iu":
+        if labels.dtype.kind == "u" and labels.size and labels.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"Labels up to {labels.max()} are not class indices.")
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        bad = np.flatnonzero(~whole)
+        if bad.size:
+            raise ValueError(
+                f"Labels must be integer class indices; the {labels.dtype} label at "
+                f"example index {bad[0]} is {labels[bad[0]].item()!r}. Pass class indices "
+                "(0, 1, 2, ...): round or map them yourself, array_source does not "
+                "truncate.")
+        return labels.astype(np.int64)
+    raise ValueError(
+        f"Labels must be integer class indices. Received: labels.dtype={labels.dtype}. "
+        "Map class names to indices first, e.g. "
+        "`names, labels = np.unique(labels, return_inverse=True)`.")
+
+
+def _stated_range(dtype: np.dtype, value_range, in_max) -> tuple[float, float]:
+    """The `(low, high)` pixel range of images of `dtype`, as the caller states it."""
+    if in_max is not None:
+        if value_range is not None:
+            raise ValueError("Pass value_range or in_max (= value_range=(0, in_max)), "
+                             f"not both. Received: {value_range=}, {in_max=}")
+        value_range = (0.0, in_max)
+    if dtype.kind not in "uif":
+        raise ValueError(
+            f"images must be numbers (uint8, or float/int with value_range). "
+            f"Received: images.dtype={dtype}")
+    if value_range is None:
+        if dtype == np.uint8:
+            return 0.0, 255.0
+        if dtype.kind == "f":
+            raise ValueError(
+                f"images are {dtype}, so their value range is needed: pass "
+                "value_range=(0, 1) for images in [0, 1] or value_range=(0, 255) "
+                "for [0, 255] (or convert them to uint8). The pipeline maps it to "
+                "its [0, 255] pixels.")
+        raise ValueError(
+            f"images are {dtype} (values up to {np.iinfo(dtype).max}), not uint8: "
+            f"pass value_range=(0, {np.iinfo(dtype).max}) (or the range your "
+            "pixels use), or convert them to uint8 (e.g. `images // 257` for "
+            "16-bit images).")
+    try:
+        low, high = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"value_range must be (low, high). Received: {value_range=}"
+                         ) from None
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"value_range must be finite with low < high. Received: "
+                         f"{value_range=}")
+    return low, high
+
+
+def _pixels_0_255(images: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """Checks `images` lie in `value_range` and maps them to the pipeline's [0, 255]."""
+    low, high = value_range
+    if images.dtype == np.uint8 and value_range == (0.0, 255.0):
+        return images
+    if images.dtype.kind == "f":
+        finite = np.isfinite(images)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite.reshape(len(images), -1).all(axis=1))[0])
+            raise ValueError(
+                f"images hold NaN or infinite pixels (first at example index {bad}): "
+                "they would make the weights NaN. Fix or drop those images.")
+    found_low, found_high = float(images.min()), float(images.max())
+    slack = 1e-6 * (high - low)
+    if found_low < low - slack or found_high > high + slack:
+        hint = (" They look like [0, 255] pixels: pass value_range=(0, 255)."
+                if found_high > 1.0 and high <= 1.0 and found_high <= 255 else "")
+        raise ValueError(
+            f"images hold values in [{found_low:g}, {found_high:g}], outside "
+            f"value_range=({low:g}, {high:g}): pass the range the pixels are in.{hint}")
+    scaled = (images.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+    return np.clip(scaled, 0.0, 255.0)
 
 
 def _count(ds: tf.data.Dataset) -> int:

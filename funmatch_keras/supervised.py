@@ -24,7 +24,8 @@ import keras
 import ml_collections
 from absl import logging
 
-from funmatch_keras import build, configs, data, distribute, loop, workdir as workdirs
+from funmatch_keras import (build, configs, data, distribute, loop, steplog, workdir as workdirs,
+                            workdir_lock)
 from funmatch_keras.configs import TeacherSpec
 
 # A teacher trained here with labels sees milder crops than the student: labels
@@ -99,22 +100,34 @@ def fit_with_labels(
     area_range: tuple[float, float],
     name: str,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    validation_data: Any = None,
+    evaluations: int = 5,
+    log_every_steps: int | None = None,
     verbose: int = 1,
-    **fit_kwargs: Any,
 ) -> keras.Model:
     """Cross-entropy training on consistent crops, resuming from `checkpoint_dir`.
 
     Call it inside `replicas.scope()`, where `model` and `optimizer` were
     built. Batches come from `replicas.train_dataset`, so several workers each
-    read their own shard. `config` gives the batch size, flips, checkpoint
-    cadence and `jit_compile`.
+    read their own shard. `config` gives the batch size, flips, the log and
+    checkpoint cadence (`configs.cadence` over this schedule),
+    `steps_per_execution` and `jit_compile`. `validation_data` is evaluated
+    `evaluations` times over the run; `log_every_steps` overrides the cadence's
+    (the demo logs every epoch).
 
     Returns:
         `model`, trained.
     """
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=build.jit_compile(config.jit_compile))
+                  metrics=["accuracy"], jit_compile=build.jit_compile(config.jit_compile),
+                  steps_per_execution=config.steps_per_execution)
+    cadence = configs.cadence(config, steps_per_epoch, epochs)
+    log_every = log_every_steps or cadence.log_every_steps
+    logger = steplog.StepLogger(
+        batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
+        total_steps=cadence.total_steps, validation_data=validation_data,
+        eval_every_steps=max(1, cadence.total_steps // evaluations), verbose=verbose)
 
     def make_dataset(step: int):
         def pipeline(input_context):
@@ -128,10 +141,10 @@ def fit_with_labels(
 
     loop.fit_with_checkpoints(
         model, make_dataset, checkpoint_dir=checkpoint_dir,
-        every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
-        every_minutes=config.checkpoint_every_minutes,
+        every_steps=cadence.checkpoint_every_steps, keep=config.keep_checkpoints,
+        every_minutes=config.checkpoint_every_minutes, log_every_steps=log_every,
         steps_per_epoch=steps_per_epoch, epochs=epochs, name=name,
-        is_chief=replicas.is_chief, callbacks=callbacks, verbose=verbose, **fit_kwargs)
+        is_chief=replicas.is_chief, callbacks=[logger, *callbacks], verbose=0)
     return model
 
 
@@ -193,7 +206,7 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
         workdir: str. Checkpoints go to `workdir/teacher_checkpoints`, the
             result to `workdir/teacher.keras`.
         verbose: int. Keras verbosity. Defaults to 1.
-        overwrite: bool. Allow a workdir that holds another config.
+        overwrite: bool. Start from nothing in a workdir that holds a run.
         strategy: as for `train.run`. Defaults to None (`FUNMATCH_STRATEGY`, else auto).
 
     Returns:
@@ -205,7 +218,14 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
     configs.validate(config)
     replicas = distribute.replication(strategy)
     distribute.check_batch_size(config.batch_size, replicas.num_replicas)
-    workdirs.prepare(workdir, config, overwrite)
+    # One run per workdir; only the chief prepares it (other workers write nothing).
+    with workdir_lock.hold(workdir, enabled=replicas.is_chief):
+        if replicas.is_chief:
+            workdirs.prepare(workdir, config, overwrite)
+        return _train_teacher(config, workdir, verbose, replicas)
+
+
+def _train_teacher(config, workdir: str, verbose: int, replicas) -> str:
     keras.utils.set_random_seed(config.seed)
     source = build.source(config, "train")
     spec = configs.teacher_specs(config)[0]
@@ -225,8 +245,7 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
             steps_per_epoch=steps_per_epoch, epochs=epochs,
             checkpoint_dir=workdirs.teacher_checkpoint_dir(workdir), replicas=replicas,
             seed=config.seed, area_range=(config.crop_area_min, 1.0),
-            name="teacher training", validation_data=val,
-            validation_freq=max(1, epochs // 5), verbose=verbose)
+            name="teacher training", validation_data=val, verbose=verbose)
     path = os.path.join(workdir, "teacher.keras")
     if replicas.is_chief:
         workdirs.save_model(teacher, path)

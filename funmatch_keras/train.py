@@ -19,8 +19,8 @@ from typing import Any
 import keras
 import ml_collections
 
-from funmatch_keras import (build, configs, data, distribute, loop, supervised,
-                            teacher_cache, workdir as workdirs)
+from funmatch_keras import (build, configs, data, distribute, loop, steplog, supervised,
+                            teacher_cache, workdir as workdirs, workdir_lock)
 from funmatch_keras.distiller import Distiller
 
 
@@ -38,7 +38,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     Args:
         config: `ml_collections.ConfigDict` from `funmatch_keras.configs`.
         workdir: str. Where checkpoints, logs, the student and the report go.
-        overwrite: bool. Allow a workdir that holds another config. Defaults to False.
+        overwrite: bool. Start from nothing in a workdir that holds a run (the old
+            run is moved aside, then deleted). Defaults to False.
         verbose: int. Keras verbosity. Defaults to 1.
         strategy: a `tf.distribute.Strategy`, a kind for `distribute.replication`
             (`"auto"`, `"mirrored"`, `"multi_worker"`, `"tpu"`, `"default"`; JAX:
@@ -59,12 +60,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         print(f"Training on {replicas.num_replicas} replicas ({replicas.kind}, "
               f"{replicas.task}).", flush=True)
     # Non-chief workers keep their own files apart; checkpoints are the chief's.
+    shared_workdir = workdir
     checkpoint_dir = os.path.join(workdir, workdirs.CHECKPOINTS)
     if not replicas.is_chief:
         workdir = distribute.worker_dir(workdir, replicas.task)
-    workdirs.prepare(workdir, config, overwrite)
-    with replicas.scope():
-        return _run(config, workdir, checkpoint_dir, replicas, verbose)
+    # One run per workdir: a second process refuses, naming the holder.
+    with workdir_lock.hold(shared_workdir, enabled=replicas.is_chief):
+        workdirs.prepare(workdir, config, overwrite)
+        with replicas.scope():
+            return _run(config, workdir, checkpoint_dir, replicas, verbose)
 
 
 def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
@@ -80,20 +84,22 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
     teachers = build.teachers(config, num_classes, workdir)
     student = build.student(config, num_classes)
     steps_per_epoch = build.steps_per_epoch(config, train_source)
-    total_steps = steps_per_epoch * config.epochs
+    cadence = configs.cadence(config, steps_per_epoch)
+    total_steps = cadence.total_steps
     distiller = Distiller(teachers if len(teachers) > 1 else teachers[0], student,
                           temperature=config.temperature)
     distiller.compile(optimizer=build.optimizer(config, total_steps),
-                      jit_compile=build.jit_compile(config.jit_compile))
+                      jit_compile=build.jit_compile(config.jit_compile),
+                      steps_per_execution=config.steps_per_execution)
 
     teacher_size = configs.teacher_sizes(config)
     val_ds = data.eval_pipeline(build.source(config, "validation"), size=config.student_size,
                                 batch_size=config.eval_batch_size, teacher_size=teacher_size)
-    metrics_path = os.path.join(workdir, workdirs.METRICS_FILE)
-    callbacks = [
-        workdirs.MetricsLogger(metrics_path),
-        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False),
-    ]
+    metrics_path = workdirs.metrics_path(workdir)
+    logger = steplog.StepLogger(
+        batch_size=config.batch_size, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        metrics_path=metrics_path, tensorboard_dir=os.path.join(workdir, "tensorboard"),
+        validation_data=val_ds, eval_every_steps=cadence.eval_every_steps, verbose=verbose)
     fixed_logits = None
     if config.mode == "fixed_teacher":  # computed once, cached in the workdir
         fixed_logits = teacher_cache.teacher_logits(train_source, teachers[0], teacher_size,
@@ -119,17 +125,16 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
 
     loop.fit_with_checkpoints(
         distiller, make_dataset, checkpoint_dir=checkpoint_dir,
-        every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
+        every_steps=cadence.checkpoint_every_steps, keep=config.keep_checkpoints,
         every_minutes=config.checkpoint_every_minutes,
+        log_every_steps=cadence.log_every_steps,
         steps_per_epoch=steps_per_epoch, epochs=config.epochs, name="distillation",
-        saved=student, is_chief=replicas.is_chief, callbacks=callbacks,
-        validation_data=val_ds, validation_freq=configs.eval_every_epochs(config),
-        verbose=verbose)
+        saved=student, is_chief=replicas.is_chief, callbacks=[logger], verbose=0)
 
     student_path = workdirs.save_model(student, os.path.join(workdir, workdirs.STUDENT_FILE))
     test_ds = data.eval_pipeline(build.source(config, "test"), size=config.student_size,
                                  batch_size=config.eval_batch_size, teacher_size=teacher_size)
-    test = distiller.evaluate(test_ds, verbose=0, return_dict=True)
+    test = steplog.evaluate(distiller, test_ds)
     history = workdirs.read_metrics(metrics_path)
     report = {
         "config": json.loads(configs.to_json(config)),
@@ -138,8 +143,11 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
         "teacher_top1": float(test.get("teacher_top1", math.nan)),
         "agreement": float(test["agreement"]),
         "steps": total_steps,
-        "wall_time_s": round(time.time() - start, 1),
-        "images_per_s": workdirs.images_per_s(history, config.batch_size),
+        "epochs": config.epochs,
+        "images": total_steps * config.batch_size,
+        # Across resumes: earlier processes' logged time, plus all of this one's.
+        "wall_time_s": round(logger.earlier_wall_time_s + time.time() - start, 1),
+        "images_per_s": steplog.throughput(history, config.batch_size),
         "student": student_path,
     }
     if not replicas.is_chief:
@@ -150,3 +158,4 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
               f"{report['teacher_top1']:.2%}, agreement {report['agreement']:.2%}. "
               f"Wrote {student_path} and report.json.", flush=True)
     return report
+

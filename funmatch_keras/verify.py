@@ -192,10 +192,11 @@ def load_keras_model(path: str | Path) -> keras.Model:
     'StdConv2D'
     """
     # Loading with safe_mode needs the package's serializable layers (StdConv2D,
-    # ...) registered, which happens when their modules are imported.
-    import funmatch_keras.models  # noqa: F401
+    # ...) registered, which happens when their modules are imported; a
+    # truncated file gets a clear error there, not Keras's "File not found".
+    from funmatch_keras.models import load_keras_file
 
-    return keras.saving.load_model(path, safe_mode=True)
+    return load_keras_file(path)
 
 
 def iter_images(data: Any, limit: int | None = None) -> Iterator[np.ndarray]:

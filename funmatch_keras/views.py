@@ -18,17 +18,43 @@ from funmatch_keras import augment
 def decode(image: tf.Tensor, encoded: bool) -> tf.Tensor:
     """`[H, W, 3]` uint8 from JPEG/PNG/GIF/BMP bytes (RGBA, gray -> RGB).
 
-    A decoded image (`encoded=False`) is returned as is.
+    A decoded image (`encoded=False`) is returned as is; it must be uint8 or
+    float with values in `[0, 255]` (any other dtype is an error naming the fix).
 
     Example:
     >>> png = tf.io.encode_png(tf.zeros([5, 7, 1], tf.uint8))
     >>> decode(png, encoded=True).shape
     TensorShape([5, 7, 3])
+    >>> decode(tf.zeros([2, 2, 3], tf.uint16), encoded=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: Decoded images must be uint8 (or float in [0, 255]), not uint16: ...
     """
     if not encoded:
-        return image
+        return check_decoded(image)
     return tf.ensure_shape(
         tf.io.decode_image(image, channels=3, expand_animations=False), [None, None, 3])
+
+
+def check_decoded(image: tf.Tensor) -> tf.Tensor:
+    """`image` if its dtype is one the pipeline reads as `[0, 255]` pixels, else raises.
+
+    A static check (free at run time): uint8 and float pass; uint16, int32, ...
+    would be read as if 255 were white. `sources.array_source` checks values
+    and ranges once, when the source is built.
+
+    Example:
+    >>> check_decoded(tf.zeros([2, 2, 3], tf.uint8)).dtype
+    tf.uint8
+    """
+    if image.dtype != tf.uint8 and not image.dtype.is_floating:
+        raise ValueError(
+            f"Decoded images must be uint8 (or float in [0, 255]), not "
+            f"{image.dtype.name}: build the source with "
+            "`sources.array_source(images, labels, value_range=(low, high))`, which "
+            "maps any range to [0, 255] and checks it once, or convert the images "
+            "to uint8.")
+    return image
 
 
 def train_view_fn(
@@ -99,7 +125,7 @@ def crops(
         return [full[w[0]:w[0] + w[2], w[1]:w[1] + w[3]] for w in windows]
 
     if not encoded:
-        return slice_crops(image)
+        return slice_crops(check_decoded(image))
 
     def jpeg_crops():
         shape = tf.image.extract_jpeg_shape(image)

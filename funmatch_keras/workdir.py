@@ -16,14 +16,19 @@ Every file is written atomically (`funmatch_keras.atomic`).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import tempfile
 import time
+from typing import Iterable
 
 import keras
 import ml_collections
 
 from funmatch_keras import atomic, configs
+from funmatch_keras.steplog import read_metrics  # noqa: F401  (part of the layout API)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -54,8 +59,37 @@ def teacher_checkpoint_dir(workdir: str, index: int = 0) -> str:
     return os.path.join(workdir, f"{name}_checkpoints")
 
 
+# What a run writes in its workdir (the layout above), as `glob` patterns:
+# `--overwrite` moves these aside. Not `.lock` (`workdir_lock`), not the
+# non-chief workers' `workertemp_*/` (written by live workers), nor any other file.
+RUN_ENTRIES = (CHECKPOINTS, "teacher*.keras", "teacher*_checkpoints", "teacher_logits_*.npy",
+               STUDENT_FILE, METRICS_FILE, "tensorboard", REPORT_FILE, "report.png",
+               CONFIG_FILE)  # config.json last: a crash mid-way still refuses another config
+REPLACED_PREFIX = ".replaced-"
+
+
 def prepare(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-    """Creates the workdir and stores the config; refuses a workdir of another config."""
+    """Creates the workdir and stores the config; refuses a workdir of another config.
+
+    With `overwrite`, the run starts from nothing: the previous run's entries
+    (`RUN_ENTRIES`: config, checkpoints, trained teachers, cached logits,
+    student, metrics, report) are first moved into `<workdir>/.replaced-<time>/`,
+    one rename each, then that folder is deleted after a printed line says so.
+    A crash in between leaves every old entry in place or in that folder, and
+    nothing of the new run yet. Files the config itself names (e.g.
+    `--config.teacher=<workdir>/teacher.keras`) are kept.
+
+    Example:
+    >>> import tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> config = configs.load_config("digits:smoke=True")
+    >>> prepare(workdir, config, overwrite=False)
+    >>> os.makedirs(os.path.join(workdir, CHECKPOINTS, "ckpt-000000002"))
+    >>> prepare(workdir, config, overwrite=True)  # doctest: +ELLIPSIS
+    --overwrite: moved the previous run (checkpoints/, config.json) to .../.replaced-...; deleting it.
+    >>> sorted(os.listdir(workdir))
+    ['config.json']
+    """
     try:
         os.makedirs(workdir, exist_ok=True)
         atomic.write_text(os.path.join(workdir, ".write_test"), "ok")
@@ -64,17 +98,89 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) ->
         raise ValueError(f"The workdir {workdir!r} is not writable ({error}). "
                          "Pick another --workdir.") from None
     path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(path) and not overwrite:
+    if overwrite:
+        _replace_previous_run(workdir, config)
+    elif os.path.exists(path):
         changes = configs.diff(read_config(workdir), config)
         if changes:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in
                                sorted(changes.items())[:8])
             raise ValueError(
                 f"The workdir {workdir!r} holds a run of a different config ({listed}). "
-                "Use a new --workdir, or pass --overwrite to start this config there "
-                "(its checkpoints are then replaced as the new run saves)."
+                "Use a new --workdir, or pass --overwrite to delete that run (checkpoints, "
+                "trained teacher, logs, report) and start this config there from nothing."
             )
     atomic.write_text(path, configs.to_json(config))
+
+
+def previous_run(workdir: str, keep: Iterable[str] = ()) -> list[str]:
+    """The names of `RUN_ENTRIES` present in the workdir, in moving order, less `keep`.
+
+    Example:
+    >>> import tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> for name in ("config.json", "teacher-1.keras", "notes.txt", ".lock"):
+    ...     open(os.path.join(workdir, name), "w").close()
+    >>> previous_run(workdir)
+    ['teacher-1.keras', 'config.json']
+    """
+    kept = {os.path.abspath(path) for path in keep}
+    names = []
+    for pattern in RUN_ENTRIES:
+        for found in sorted(glob.glob(os.path.join(glob.escape(workdir), pattern))):
+            name = os.path.basename(found)
+            if name not in names and not _holds_any(found, kept):
+                names.append(name)
+    return names
+
+
+def _holds_any(path: str, kept: set[str]) -> bool:
+    """Whether `path` is, or is a folder above, one of the `kept` paths."""
+    path = os.path.abspath(path)
+    return any(k == path or k.startswith(path + os.sep) for k in kept)
+
+
+def _config_paths(config: ml_collections.ConfigDict) -> list[str]:
+    """The files and folders a config names (teachers, weights, data_dir)."""
+    named = [config.get("student_weights"), config.get("data_dir"), config.get("student")]
+    try:
+        for spec in configs.teacher_specs(config):
+            named += [spec.model, spec.weights]
+    except (ValueError, KeyError, AttributeError, TypeError):
+        pass
+    return [os.path.expanduser(p) for p in named if isinstance(p, str) and p]
+
+
+def _replace_previous_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """`--overwrite`: moves the previous run aside (one rename per entry), then deletes it."""
+    leftovers = sorted(glob.glob(os.path.join(glob.escape(workdir), REPLACED_PREFIX + "*")))
+    names = previous_run(workdir, keep=_config_paths(config))
+    aside = None
+    if names:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = tempfile.mkdtemp(prefix=f"{REPLACED_PREFIX}{stamp}-", dir=workdir)
+        for name in names:
+            try:
+                os.rename(os.path.join(workdir, name), os.path.join(aside, name))
+            except OSError as error:
+                raise ValueError(
+                    f"--overwrite could not move {name} of the previous run aside ({error}); "
+                    f"what was moved is in {aside}, the rest is in place. Fix the cause and "
+                    "rerun, or use a new --workdir.") from None
+        listed = ", ".join(name + ("/" if os.path.isdir(os.path.join(aside, name)) else "")
+                           for name in names)
+        also = f" (and {', '.join(leftovers)}, left by an interrupted --overwrite)" if (
+            leftovers) else ""
+        print(f"--overwrite: moved the previous run ({listed}) to {aside}; deleting it{also}.",
+              flush=True)
+    elif leftovers:
+        print(f"--overwrite: deleting {', '.join(leftovers)}, left by an interrupted "
+              "--overwrite.", flush=True)
+    for folder in ([aside] if aside else []) + leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.exists(folder):
+            print(f"--overwrite: could not delete all of {folder}; delete it by hand.",
+                  flush=True)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -95,42 +201,9 @@ def save_model(model: keras.Model, path: str) -> str:
 # ------------------------------------------------------------------ metrics
 
 
-class MetricsLogger(keras.callbacks.Callback):
-    """Adds the learning rate to the logs and appends each epoch to metrics.jsonl."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-        self.start = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        optimizer = self.model.optimizer
-        step = int(keras.ops.convert_to_numpy(optimizer.iterations))
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-        record = {"epoch": epoch + 1, "step": step,
-                  **{k: float(v) for k, v in logs.items()},
-                  "wall_time_s": round(time.time() - self.start, 2)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl file (empty if there is none)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def images_per_s(history: list[dict], batch_size: int) -> float | None:
-    """Training throughput over the logged epochs (wall time includes evaluation)."""
-    if len(history) < 2:
-        return None
-    first, last = history[0], history[-1]
-    seconds = last["wall_time_s"] - first["wall_time_s"]
-    steps = last["step"] - first["step"]
-    return round(steps * batch_size / seconds, 1) if seconds > 0 else None
+def metrics_path(workdir: str) -> str:
+    """The run's metrics.jsonl (written by `steplog.StepLogger`, read by `read_metrics`)."""
+    return os.path.join(workdir, METRICS_FILE)
 
 
 # ------------------------------------------------------------------- report

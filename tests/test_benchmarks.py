@@ -56,3 +56,31 @@ def test_paper_findings_quick(tmp_path):
             assert 0.0 <= cell[key] < float("inf"), (cell["mode"], key)
     assert "function_matching_best_at_long" in report["findings"]
     assert os.path.exists(report["png"])
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # 100 s on 2 cores: out of CI's 30 minutes (pytest -m heavy)
+def test_shampoo_benchmark_quick(tmp_path):
+    report = _last_json_line(
+        [os.path.join(ROOT, "benchmarks", "shampoo.py"), "--quick",
+         "--workdir", str(tmp_path)], tmp_path)
+    for key in ("epochs_ratio", "wall_ratio", "step_overhead", "comparisons",
+                "digits_steps", "overhead_model", "runs"):
+        assert key in report
+    assert report["step_overhead"] > 0
+    assert {row["optimizer"] for row in report["runs"]} == {"adamw", "shampoo"}
+    for row in report["runs"]:
+        assert 0.0 <= row["agreement"] <= 1.0 and row["train_s"] > 0
+    for steps in (report["digits_steps"], report["overhead_model"]):
+        assert steps["shampoo"]["root_step_median_ms"] > 0
+        assert steps["adamw"]["root_step_median_ms"] is None
+
+
+@pytest.mark.slow
+def test_loop_benchmark_quick(tmp_path):
+    report = _last_json_line(
+        [os.path.join(ROOT, "benchmarks", "loop.py"), "--steps", "4", "--repeats", "1",
+         "--structures", "2", "--student", "cnn:8,16", "--batch-size", "8"], tmp_path)
+    assert set(report) == {"ratio_2", "checkpoint_s", "checkpoint_blocking_s"}
+    assert report["ratio_2"] > 0 and report["checkpoint_s"] > 0
+    assert report["checkpoint_blocking_s"] > 0

@@ -1,18 +1,20 @@
 """Tests for funmatch_keras.checkpoint: round trips, pruning, atomicity, NaN, resume."""
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
-import h5py
 import keras
 import numpy as np
 import pytest
 
 import funmatch_keras as fm
-from funmatch_keras import checkpoint, optim
+import tensorflow as tf
+
+from funmatch_keras import checkpoint, loop, optim
 from funmatch_keras.checkpoint import CheckpointManager
 from funmatch_keras.loop import CheckpointCallback
 
@@ -69,7 +71,7 @@ def test_save_restore_round_trip_without_teacher(tmp_path, teacher):
     manager = CheckpointManager(str(tmp_path))
     path = manager.save(4, student, optimizer, {"config": "digits"}, epoch=1)
     assert os.path.basename(path) == "ckpt-000000004"
-    assert sorted(os.listdir(path)) == ["optimizer.npz", "state.json", "student.weights.h5"]
+    assert sorted(os.listdir(path)) == ["optimizer.npz", "state.json", "student.npz"]
 
     fresh, fresh_optimizer = make_student(seed=7), adamw()
     state = manager.restore(fresh, fresh_optimizer)
@@ -82,11 +84,9 @@ def test_save_restore_round_trip_without_teacher(tmp_path, teacher):
     assert int(keras.ops.convert_to_numpy(fresh_optimizer.iterations)) == 4
 
     # The teacher is not in the checkpoint: only the student's variables are.
-    with h5py.File(os.path.join(path, "student.weights.h5"), "r") as f:
-        shapes = []
-        f.visititems(lambda _, obj: shapes.append(obj.shape) if isinstance(obj, h5py.Dataset)
-                     else None)
-    assert len(shapes) == len(student.weights)
+    with np.load(os.path.join(path, "student.npz"), allow_pickle=False) as npz:
+        shapes = [npz[k].shape for k in npz.files]
+    assert shapes == [tuple(w.shape) for w in student.weights]
     with np.load(os.path.join(path, "optimizer.npz"), allow_pickle=False) as npz:
         shapes += [npz[k].shape for k in npz.files]
     teacher_shapes = {tuple(w.shape) for w in teacher.weights}
@@ -147,6 +147,108 @@ def test_crash_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000000002"]
 
 
+def test_a_format_1_checkpoint_still_restores(tmp_path, teacher):
+    student, optimizer = trained(teacher)
+    path = CheckpointManager(str(tmp_path)).save(4, student, optimizer)
+    # Format 1 stored the student with `save_weights` instead of student.npz.
+    os.remove(os.path.join(path, "student.npz"))
+    student.save_weights(os.path.join(path, "student.weights.h5"))
+    fresh, fresh_optimizer = make_student(seed=7), adamw()
+    assert CheckpointManager(str(tmp_path)).restore(fresh, fresh_optimizer)["step"] == 4
+    for a, b in zip(numpy_vars(student.weights), numpy_vars(fresh.weights)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_background_save_copies_the_state_before_training_goes_on(tmp_path, monkeypatch):
+    student = make_student()
+    optimizer = sgd()
+    optimizer.build(student.trainable_variables)
+    expected = numpy_vars(student.weights)
+    manager = CheckpointManager(str(tmp_path), keep=2)
+    started, release = __import__("threading").Event(), __import__("threading").Event()
+    original = checkpoint.np.savez
+
+    def slow_savez(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.np, "savez", slow_savez)
+    manager.save_in_background(5, student, optimizer)
+    assert started.wait(10)
+    for w in student.weights:  # "training" changes the weights mid-write
+        w.assign(np.full(w.shape, 7.0, "float32"))
+    assert manager.all_steps() == []  # not visible until complete
+    release.set()
+    manager.wait()
+    assert manager.all_steps() == [5]
+    fresh = make_student(seed=9)
+    manager.restore(fresh)
+    for a, b in zip(expected, numpy_vars(fresh.weights)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_background_write_is_raised_and_keeps_the_previous(tmp_path, monkeypatch):
+    student = make_student()
+    optimizer = sgd()
+    optimizer.build(student.trainable_variables)
+    manager = CheckpointManager(str(tmp_path))
+    manager.save(2, student, optimizer)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.np, "savez", full)
+    manager.save_in_background(4, student, optimizer)
+    with pytest.raises(OSError, match="No space left"):
+        manager.wait()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000002"]
+    manager.wait()  # the error is raised once
+
+
+@pytest.mark.slow
+def test_sigkill_mid_background_write_leaves_the_previous_checkpoint(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os, time
+        import keras, numpy as np
+        from funmatch_keras import checkpoint
+        from funmatch_keras.checkpoint import CheckpointManager
+
+        student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        optimizer = keras.optimizers.Adam()
+        optimizer.build(student.trainable_variables)
+        manager = CheckpointManager({str(tmp_path)!r})
+        manager.save(1, student, optimizer)
+        original = checkpoint.np.savez
+
+        def slow_savez(f, **arrays):
+            original(f, **arrays)
+            f.flush()
+            print("WRITING", flush=True)
+            time.sleep(60)  # killed here, half of the checkpoint on disk
+
+        checkpoint.np.savez = slow_savez
+        manager.save_in_background(2, student, optimizer)
+        manager.wait()
+        """
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in process.stdout:
+        if "WRITING" in line:
+            break
+    process.kill()
+    process.wait(timeout=30)
+    assert any(name.startswith(".tmp-ckpt-2-") for name in os.listdir(tmp_path))
+    manager = CheckpointManager(str(tmp_path))  # a restart cleans the half write
+    assert manager.all_steps() == [1]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000001"]
+    student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    assert manager.restore(student, keras.optimizers.Adam())["step"] == 1
+
+
 def test_restore_into_a_different_architecture_fails_clearly(tmp_path, teacher):
     student, optimizer = trained(teacher)
     manager = CheckpointManager(str(tmp_path))
@@ -188,16 +290,18 @@ def test_callback_saves_every_steps_and_at_the_end_not_at_epoch_ends(tmp_path, t
     distiller = make_distiller(teacher, student, adamw())
     manager = CheckpointManager(str(tmp_path), keep=10)
     callback = CheckpointCallback(
-        manager, every_steps=3, student=student, get_metadata=lambda: {"run": "a"}
+        manager, every_steps=5, student=student, get_metadata=lambda: {"run": "a"}
     )
-    distiller.fit(data(), batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+    distiller.fit(data(), batch_size=BATCH, epochs=4, shuffle=False, verbose=0,
                   callbacks=[callback])
-    assert manager.all_steps() == [3, 6, 8]  # epochs of 4 steps end at 4 and 8
-    with open(os.path.join(manager.path_for(6), "state.json")) as f:
-        state = json.load(f)
-    assert (state["step"], state["epoch"], state["metadata"]) == (6, 1, {"run": "a"})
+    # Epochs of 4 steps end at 4, 8, 12, 16: saved at the first end past 5, 10,
+    # 15 (and the end), never at 4.
+    assert manager.all_steps() == [8, 12, 16]
     with open(os.path.join(manager.path_for(8), "state.json")) as f:
-        assert json.load(f)["epoch"] == 2
+        state = json.load(f)
+    assert (state["step"], state["epoch"], state["metadata"]) == (8, 2, {"run": "a"})
+    with open(os.path.join(manager.path_for(16), "state.json")) as f:
+        assert json.load(f)["epoch"] == 4
 
 
 def test_callback_non_chief_writes_nothing(tmp_path, teacher):
@@ -216,13 +320,18 @@ def test_callback_stops_on_nan_loss_keeping_last_good(tmp_path, teacher):
     distiller = make_distiller(teacher, student, adamw())
     manager = CheckpointManager(str(tmp_path), keep=10)
     callback = CheckpointCallback(manager, every_steps=2, student=student)
-    distiller.fit(x, batch_size=BATCH, epochs=3, shuffle=False, verbose=0,
-                  callbacks=[callback])
+
+    def make_dataset(step):
+        return tf.data.Dataset.from_tensor_slices(x).batch(BATCH).repeat().skip(step)
+
+    # The loss is read at the log steps (2, 4, 6): the interval ending at 6 holds the NaN.
+    loop.fit_resumably(distiller, make_dataset, steps_per_epoch=6, epochs=3,
+                       log_every_steps=2, callbacks=[callback], verbose=0)
     assert manager.all_steps() == [2, 4]
     assert callback.stopped_reason == (
-        "loss became NaN at step 5; the last good checkpoint is step 4"
+        "loss became NaN by step 6; the last good checkpoint is step 4"
     )
-    assert int(keras.ops.convert_to_numpy(distiller.optimizer.iterations)) == 5
+    assert int(keras.ops.convert_to_numpy(distiller.optimizer.iterations)) == 6
     restored = make_student(seed=3)
     assert manager.restore(restored, adamw())["step"] == 4
     assert all(np.isfinite(w).all() for w in numpy_vars(restored.weights))
@@ -297,7 +406,7 @@ def test_jax_backend_round_trip(tmp_path):
         x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
         d.fit(x, batch_size=4, epochs=2, shuffle=False, verbose=0,
               callbacks=[CheckpointCallback(manager, every_steps=3, student=s)])
-        assert manager.all_steps() == [3, 6, 8], manager.all_steps()
+        assert manager.all_steps() == [4, 8], manager.all_steps()  # epoch ends past 3, 6
         fresh, opt = student(5), optim.adamw(1e-2, 1e-3, total_steps=8, warmup_steps=2)
         assert manager.restore(fresh, opt)["step"] == 8
         for a, b in zip(s.weights, fresh.weights):
@@ -313,3 +422,107 @@ def test_jax_backend_round_trip(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "JAX OK" in result.stdout
+
+
+# -- damaged checkpoints and write faults ---------------------------------------
+
+
+def _tiny_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def _tiny_data(step):
+    return tf.data.Dataset.from_tensors((np.ones((2, 2)), np.ones((2, 1)))).repeat()
+
+
+def _fit(directory, epochs):
+    return loop.fit_with_checkpoints(_tiny_model(), _tiny_data, checkpoint_dir=directory,
+                                     every_steps=2, keep=5, steps_per_epoch=2, epochs=epochs,
+                                     verbose=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated npz", "broken state.json"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_that_loads(tmp_path, capsys,
+                                                                         damage):
+    directory = str(tmp_path)
+    _fit(directory, epochs=3)  # checkpoints 2, 4, 6
+    latest = os.path.join(directory, "ckpt-000000006")
+    if damage == "truncated npz":
+        file = os.path.join(latest, "optimizer.npz")
+        with open(file, "r+b") as f:
+            f.truncate(os.path.getsize(file) // 2)
+    else:
+        with open(os.path.join(latest, "state.json"), "w") as f:
+            f.write('{"step": 6, "stud')
+    capsys.readouterr()
+    _fit(directory, epochs=4)
+    out = capsys.readouterr().out
+    assert "Skipping damaged checkpoint" in out and "ckpt-000000006" in out
+    assert "Resuming training from step 4 of 8" in out
+    # The damaged one is kept for inspection (then replaced by the new step 6).
+    assert CheckpointManager(directory).all_steps() == [2, 4, 6, 8]
+
+
+def test_when_no_checkpoint_loads_the_error_says_why_and_keeps_them(tmp_path):
+    directory = str(tmp_path)
+    _fit(directory, epochs=1)
+    with open(os.path.join(directory, "ckpt-000000002", "state.json"), "w") as f:
+        f.write("not json")
+    with pytest.raises(FileNotFoundError, match="loads.*ckpt-000000002.*not valid JSON"):
+        _fit(directory, epochs=2)
+    assert os.path.isdir(os.path.join(directory, "ckpt-000000002"))
+
+
+def test_pruning_counts_intact_checkpoints_only(tmp_path):
+    student = make_student()
+    optimizer = sgd()
+    optimizer.build(student.trainable_variables)
+    manager = CheckpointManager(str(tmp_path), keep=2)
+    manager.save(2, student, optimizer)
+    manager.save(4, student, optimizer)
+    with open(os.path.join(manager.path_for(4), "state.json"), "w") as f:
+        f.write("{broken")
+    manager.save(6, student, optimizer)
+    # Keeping 2 means 2 that load: step 2 survives the damaged step 4.
+    assert manager.all_steps() == [2, 4, 6]
+    manager.save(8, student, optimizer)
+    assert manager.all_steps() == [6, 8]
+
+
+class _Crash(BaseException):
+    """A process dying between writing a checkpoint and renaming it into place."""
+
+
+@pytest.mark.parametrize("fault", ["ENOSPC", "crash before the rename"])
+def test_a_write_fault_leaves_the_newest_intact_checkpoint_to_resume_from(tmp_path, capsys,
+                                                                          monkeypatch, fault):
+    directory = str(tmp_path)
+    _fit(directory, epochs=2)  # checkpoints 2, 4
+    with monkeypatch.context() as patch:
+        if fault == "ENOSPC":
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            patch.setattr(checkpoint.np, "savez", full)
+            expected = pytest.raises(checkpoint.CheckpointWriteError,
+                                     match=r"No space left.*MiB free.*rerun the same command")
+        else:
+            real_replace = os.replace
+
+            def crash(source, target):
+                if ".tmp-ckpt-" in str(source):
+                    raise _Crash
+                return real_replace(source, target)
+
+            patch.setattr(checkpoint.os, "replace", crash)
+            expected = pytest.raises(_Crash)
+        with expected:
+            _fit(directory, epochs=4)
+    assert CheckpointManager(directory, clean_temp=False).all_steps() == [2, 4]
+    capsys.readouterr()
+    _fit(directory, epochs=4)
+    assert "Resuming training from step 4 of 8" in capsys.readouterr().out
+    assert sorted(os.listdir(directory)) == [f"ckpt-00000000{s}" for s in (2, 4, 6, 8)]

@@ -48,3 +48,15 @@ def test_cli_module_imports_nothing_heavy_for_help():
 
 def test_funmatch_help_does_not_import_tensorflow():
     assert _heavy_imports(stub=False) == "[]"
+
+
+def test_a_full_disk_exits_with_its_own_code(monkeypatch, capsys, tmp_path):
+    from funmatch_keras import checkpoint, cli, train
+
+    def full(*args, **kwargs):
+        raise checkpoint.CheckpointWriteError(28, "No space left to write checkpoint 6")
+
+    monkeypatch.setattr(train, "run", full)
+    code = cli.main(["distill", "--config=digits:smoke=True", f"--workdir={tmp_path}"])
+    assert code == cli.EXIT_NO_SPACE == 5
+    assert "No space left to write checkpoint 6" in capsys.readouterr().err

@@ -238,7 +238,7 @@ def test_bad_override_type_names_field_and_type(field, value, expected):
         ({"epochs": "-3"}, "epochs must be a positive int"),
         ({"student_size": "0"}, "student_size must be a positive int"),
         ({"steps_per_epoch": "0"}, "steps_per_epoch must be a positive int or None"),
-        ({"dataset": "mnist"}, "dataset must be one of"),
+        ({"dataset": "mnist"}, "dataset='mnist' is not a preset.*set train_split"),
         ({"dtype": "float64"}, "dtype must be one of"),
         ({"crop_area_min": "0"}, "crop_area_min must be in"),
         ({"teacher_size": "[224, 384]"}, "one entry per teacher"),
@@ -294,12 +294,33 @@ def test_json_round_trip(spec):
     assert configs.to_json(changed) != text
 
 
-def test_eval_every_epochs():
-    config = configs.load_config("pets37:variant=fast")
-    assert configs.eval_every_epochs(config) == 50
-    assert configs.eval_every_epochs(configs.apply_overrides(config, {"epochs": "3"})) == 1
-    config = configs.apply_overrides(config, {"eval_every_epochs": "7"})
-    assert configs.eval_every_epochs(config) == 7
+def test_cadence_is_in_steps_and_lands_evals_and_checkpoints_on_log_steps():
+    config = configs.load_config("pets37:variant=fast")  # 1000 epochs
+    assert configs.cadence(config, 6) == (6000, 50, 300, 1000)
+    # Flowers102: 2-step epochs for 10,000 epochs; nothing tied to epoch ends.
+    flowers = configs.apply_overrides(config, {"epochs": "10000"})
+    assert configs.cadence(flowers, 2) == (20000, 50, 1000, 1000)
+    # A short run logs about 10 times; evals and checkpoints round up to log steps.
+    short = configs.apply_overrides(config, {"epochs": "3", "checkpoint_every_steps": "7"})
+    assert configs.cadence(short, 6) == (18, 1, 1, 7)
+    every = configs.apply_overrides(config, {"eval_every_epochs": "7", "log_every_steps": "4"})
+    assert configs.cadence(every, 6).eval_every_steps == 44  # 42 rounded up to a log step
+    steps = configs.apply_overrides(every, {"eval_every_steps": "8"})
+    assert configs.cadence(steps, 6).eval_every_steps == 8
+    # A teacher's own schedule.
+    assert configs.cadence(config, 6, epochs=2).total_steps == 12
+    # With steps_per_execution, the default log interval is a multiple of it.
+    tpu = configs.apply_overrides(config, {"steps_per_execution": "8", "epochs": "4"})
+    assert configs.cadence(tpu, 6).log_every_steps == 8
+
+
+def test_log_every_steps_must_be_a_multiple_of_steps_per_execution():
+    config = configs.apply_overrides(configs.load_config("digits"),
+                                     {"steps_per_execution": "4", "log_every_steps": "6"})
+    with pytest.raises(ValueError, match="log_every_steps must be None or a positive multiple "
+                                         r"of steps_per_execution \(4\)"):
+        configs.validate(config)
+    configs.validate(configs.apply_overrides(config, {"log_every_steps": "8"}))
 
 
 # -- teachers as a list of sub-configs ------------------------------------------

@@ -50,3 +50,48 @@ def test_run_export_from_workdir(student, digits, tmp_path):
     assert report["eval_data"] == "synthetic"
     on_disk = json.loads((tmp_path / "export" / fx.REPORT_NAME).read_text())
     assert on_disk == report
+
+
+def test_num_images_must_be_positive(tmp_path, capsys):
+    from funmatch_keras import cli
+
+    tiny_student().save(tmp_path / "student.keras")
+    with pytest.raises(ValueError, match=r"num_images must be a positive.*--num_images=500"):
+        ship.run_export(tmp_path, ["keras"], num_images=0)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["export", f"--workdir={tmp_path}", "--num_images=0"])
+    assert exit.value.code == 2
+    assert "--num_images: must be at least 1" in capsys.readouterr().err
+
+
+def test_export_to_output_dir_when_the_workdir_cannot_be_written(tmp_path, monkeypatch,
+                                                                 capsys):
+    from funmatch_keras import cli
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    tiny_student().save(workdir / "student.keras")
+    (workdir / "export").write_text("not a directory")  # the default cannot be made
+    with pytest.raises(PermissionError, match=r"run/export.*--output_dir="):
+        ship.run_export(workdir, ["keras"])
+    assert cli.main(["export", f"--workdir={workdir}", "--formats=keras"]) == 2
+    assert "--output_dir=" in capsys.readouterr().err
+    out = tmp_path / "elsewhere"
+    assert cli.main(["export", f"--workdir={workdir}", "--formats=keras",
+                     f"--output_dir={out}"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [fx.REPORT_NAME, "student.keras"]
+
+    def read_only(*args, **kwargs):  # as a read-only mount does, even for root
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ship.tempfile, "mkstemp", read_only)
+    with pytest.raises(PermissionError, match=r"Permission denied.*--output_dir"):
+        ship.run_export(workdir, ["keras"], out_dir=tmp_path / "other")
+
+
+def test_truncated_student_is_named_not_missing(tmp_path):
+    tiny_student().save(tmp_path / "student.keras")
+    data = (tmp_path / "student.keras").read_bytes()
+    (tmp_path / "student.keras").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"student\.keras.*truncated or corrupt"):
+        ship.run_export(tmp_path, ["keras"])

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -30,8 +29,12 @@ def test_distill_writes_student_logs_and_an_honest_report(tmp_path):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     history = workdirs.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    assert [h["step"] for h in history] == [3, 6]
-    assert all("learning_rate" in h and "val_agreement" in h for h in history)
+    # Logged every step (a short run), evaluated every epoch (3 steps), in user units.
+    assert [(h["step"], h["images"]) for h in history] == [(s, 16 * s) for s in range(1, 7)]
+    assert [h["epoch"] for h in history] == pytest.approx([s / 3 for s in range(1, 7)], abs=1e-4)
+    assert all("learning_rate" in h for h in history)
+    assert [h["step"] for h in history if "val_agreement" in h] == [3, 6]
+    assert report["images_per_s"] > 0 and report["epochs"] == 2
     # The report's accuracy is the saved student's, recomputed here.
     student = keras.saving.load_model(os.path.join(workdir, "student.keras"), safe_mode=True)
     images, labels = next(data.eval_pipeline(sources.digits_source("test"), size=config.student_size,
@@ -56,7 +59,8 @@ def test_jit_compile_follows_the_config(tmp_path, monkeypatch, setting, expected
     monkeypatch.setattr(keras.Model, "compile", spy)
     config = configs.apply_overrides(smoke_config(epochs=1, steps_per_epoch=1),
                                      {"jit_compile": setting})
-    train.run(config, str(tmp_path / "run"), verbose=0)
+    report = train.run(config, str(tmp_path / "run"), verbose=0)
+    assert report["images_per_s"] > 0  # a run of one step still reports its speed
     # The teacher is trained with labels first, then the Distiller; None means
     # XLA on a single device.
     assert [name for name, _ in compiled][-1] == "Distiller" and len(compiled) >= 2
@@ -72,7 +76,7 @@ def test_teacher_training_inside_distill_resumes_after_a_kill(tmp_path, monkeypa
     from funmatch_keras.loop import CheckpointCallback
 
     config = smoke_config(epochs=1, steps_per_epoch=1, checkpoint_every_steps=2,
-                          deterministic=True)
+                          log_every_steps=1, deterministic=True)
     teacher_steps = sources.digits_source("train").num_examples // config.batch_size
     original_save = CheckpointCallback._save
 
@@ -130,19 +134,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = smoke_config(lr=1e12, epochs=3, steps_per_epoch=4, checkpoint_every_steps=1,
                           warmup_steps=0, weight_decay=0.0)
     os.remove(os.path.join(workdir, "student.keras"))
+    # Not --overwrite, which would delete the checkpoints: forget the stored config.
+    os.remove(os.path.join(workdir, "config.json"))
     with pytest.raises(loop.TrainingError, match="NaN.*last good checkpoint is step"):
-        train.run(config, workdir, overwrite=True, verbose=0)
+        train.run(config, workdir, verbose=0)
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"))
     assert manager.latest() is not None
-    with h5py.File(os.path.join(manager.latest()[1], "student.weights.h5")) as f:
-        arrays = []
-        f.visititems(lambda name, obj: arrays.append(obj[()]) if hasattr(obj, "shape") else None)
+    with np.load(os.path.join(manager.latest()[1], "student.npz"), allow_pickle=False) as npz:
+        arrays = [npz[k] for k in npz.files]
     assert arrays and all(np.all(np.isfinite(a)) for a in arrays)
     assert not os.path.exists(os.path.join(workdir, "student.keras"))
 
 
 RESUME_ARGS = ["--config=digits:smoke=True", "--config.epochs=4", "--config.steps_per_epoch=10",
-               "--config.checkpoint_every_steps=3", "--config.deterministic=True",
+               "--config.checkpoint_every_steps=3", "--config.log_every_steps=1", "--config.deterministic=True",
                "--config.keep_checkpoints=20", "--verbose=0"]
 
 

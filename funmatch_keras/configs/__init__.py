@@ -19,14 +19,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import pkgutil
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import ml_collections
 
 from funmatch_keras.configs.common import DATASETS, DTYPES, FIELDS, MODES
 from funmatch_keras.configs.overrides import apply_overrides, has_type, type_names
+from funmatch_keras.recipe import DIGITS, SPLIT_ROLES
 from funmatch_keras.configs.teachers import (
     TeacherSpec,
     canonical,
@@ -39,7 +41,8 @@ __all__ = [
     "TeacherSpec",
     "apply_overrides",
     "diff",
-    "eval_every_epochs",
+    "Cadence",
+    "cadence",
     "from_json",
     "list_configs",
     "load_config",
@@ -51,8 +54,10 @@ __all__ = [
 
 # Modules of this package that are helpers, not configs.
 _NOT_CONFIGS = ("common", "overrides", "teachers")
-# Evaluations per run when `eval_every_epochs` is None.
+# Evaluations per run when neither `eval_every_steps` nor `eval_every_epochs` is set.
 _DEFAULT_EVALS_PER_RUN = 20
+# big_vision logs training metrics every 50 steps in most of its configs.
+_DEFAULT_LOG_EVERY_STEPS = 50
 
 
 def list_configs() -> list[str]:
@@ -171,16 +176,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if errors:
         raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
 
+    # inf and nan pass `lr > 0` (inf) or fail with a misleading message (nan):
+    # every float field must be finite first.
+    not_finite = [name for name, field in FIELDS.items() if float in field.types
+                  and isinstance(config[name], float) and not math.isfinite(config[name])]
+    for name in not_finite:
+        errors.append(f"{name} must be a finite number, not {config[name]!r}. "
+                      f"Set --config.{name} to a finite value (default {FIELDS[name].default!r})")
+
     def check(ok: bool, message: str, name: str) -> None:
-        if not ok:
+        if not ok and name not in not_finite:
             errors.append(f"{name} {message}. Received: {name}={config[name]!r}")
 
     check(config.mode in MODES, f"must be one of {MODES}", "mode")
-    check(config.dataset in DATASETS, f"must be one of {DATASETS}", "dataset")
+    _check_dataset(config, errors)
     for name in ("student_size", "batch_size", "epochs", "eval_batch_size",
                  "checkpoint_every_steps", "keep_checkpoints"):
         check(_positive_int(config[name]), "must be a positive int", name)
-    for name in ("steps_per_epoch", "eval_every_epochs", "teacher_epochs"):
+    check(_positive_int(config.steps_per_execution), "must be a positive int",
+          "steps_per_execution")
+    check(config.log_every_steps is None or (
+        _positive_int(config.log_every_steps) and _positive_int(config.steps_per_execution)
+        and config.log_every_steps % config.steps_per_execution == 0),
+        "must be None or a positive multiple of steps_per_execution "
+        f"({config.steps_per_execution})", "log_every_steps")
+    for name in ("steps_per_epoch", "eval_every_epochs", "eval_every_steps",
+                 "teacher_epochs"):
         check(config[name] is None or _positive_int(config[name]),
               "must be a positive int or None", name)
     check(config.num_classes is None or (_positive_int(config.num_classes)
@@ -192,6 +213,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.temperature > 0, "must be > 0", "temperature")
     check(config.lr > 0, "must be > 0", "lr")
     check(config.weight_decay >= 0, "must be >= 0", "weight_decay")
+    from funmatch_keras.configs.common import OPTIMIZERS  # noqa: PLC0415
+
+    check(config.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}", "optimizer")
+    for name in ("shampoo_block_size", "shampoo_precondition_every",
+                 "shampoo_start_preconditioning_step"):
+        check(_positive_int(config[name]), "must be a positive int", name)
+    check(0 < config.shampoo_beta2 <= 1, "must be in (0, 1]", "shampoo_beta2")
     check(0 < config.crop_area_min <= 1, "must be in (0, 1]", "crop_area_min")
     check(config.dtype in DTYPES, f"must be one of {DTYPES}", "dtype")
     check(config.teacher_dtype is None or config.teacher_dtype in DTYPES,
@@ -201,16 +229,73 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
 
 
-def eval_every_epochs(config: ml_collections.ConfigDict) -> int:
-    """Epochs between evaluations: the field, or about 20 evaluations per run if None.
+def _check_dataset(config: ml_collections.ConfigDict, errors: list[str]) -> None:
+    """A preset (its splits unless `<role>_split` is set), or any tfds name with all three."""
+    fields = [f"{role}_split" for role in SPLIT_ROLES]
+    given = [name for name in fields if config[name] is not None]
+    for name in given:
+        if not config[name].strip():
+            errors.append(f"{name} must be a tfds split such as 'train[:90%]', or None for "
+                          f"the preset's. Received: {name}={config[name]!r}")
+    if not config.dataset.strip():
+        errors.append(f"dataset must be one of {DATASETS} or a tfds dataset name. "
+                      f"Received: dataset={config.dataset!r}")
+    elif config.dataset == DIGITS:
+        if given:
+            errors.append(f"dataset='digits' has fixed splits (70/30 of the bundled digits): "
+                          f"leave {', '.join(given)} None, or name a tfds dataset")
+    elif config.dataset not in DATASETS:
+        missing = [name for name in fields if config[name] is None]
+        if missing:
+            errors.append(
+                f"dataset={config.dataset!r} is not a preset ({', '.join(DATASETS)}), so it "
+                f"is read from tfds and needs its splits: set {', '.join(missing)}, e.g. "
+                "--config.train_split='train[:90%]' --config.validation_split='train[90%:]' "
+                "--config.test_split=test")
+
+
+class Cadence(NamedTuple):
+    """Steps between logs, evaluations and checkpoints of a run (all global steps)."""
+
+    total_steps: int
+    log_every_steps: int
+    eval_every_steps: int
+    checkpoint_every_steps: int
+
+
+def cadence(config: ml_collections.ConfigDict, steps_per_epoch: int,
+            epochs: int | None = None) -> Cadence:
+    """The run's step cadence: `epochs` sets the total; logs, evals and checkpoints in steps.
+
+    Logs are every `log_every_steps` (None: 50, or a tenth of a shorter run),
+    a multiple of `steps_per_execution`. Evaluations and checkpoints land on
+    log steps, so their intervals are rounded up to a multiple of it.
+    Evaluations: `eval_every_steps`, else `eval_every_epochs` epochs, else
+    about 20 per run.
+
+    `epochs` overrides `config.epochs` (a teacher's label training).
 
     Example:
-    >>> eval_every_epochs(load_config("pets37:variant=fast"))
-    50
+    >>> cadence(load_config("pets37:variant=fast"), steps_per_epoch=6)
+    Cadence(total_steps=6000, log_every_steps=50, eval_every_steps=300, checkpoint_every_steps=1000)
     """
-    if config.eval_every_epochs is not None:
-        return config.eval_every_epochs
-    return max(1, config.epochs // _DEFAULT_EVALS_PER_RUN)
+    total = steps_per_epoch * (config.epochs if epochs is None else epochs)
+    per_call = config.steps_per_execution
+    log = config.log_every_steps
+    if log is None:
+        log = _round_up(min(_DEFAULT_LOG_EVERY_STEPS, max(1, total // 10)), per_call)
+    if config.eval_every_steps is not None:
+        evaluate = config.eval_every_steps
+    elif config.eval_every_epochs is not None:
+        evaluate = config.eval_every_epochs * steps_per_epoch
+    else:
+        evaluate = max(1, total // _DEFAULT_EVALS_PER_RUN)
+    return Cadence(total, log, _round_up(evaluate, log),
+                   _round_up(config.checkpoint_every_steps, log))
+
+
+def _round_up(steps: int, multiple: int) -> int:
+    return max(multiple, -(-steps // multiple) * multiple)
 
 
 # -- storage -----------------------------------------------------------------

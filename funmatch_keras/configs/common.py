@@ -21,6 +21,7 @@ import ml_collections
 from funmatch_keras.recipe import DATASETS, MODES
 
 DTYPES = ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
+OPTIMIZERS = ("adamw", "shampoo")
 
 NoneType = type(None)
 
@@ -42,6 +43,17 @@ FIELDS: dict[str, Field] = {
     # -- data --
     "dataset": Field("digits", (str,), f"Data preset, one of {DATASETS}."),
     "data_dir": Field(None, (str, NoneType), "tfds data_dir. None: the tfds default."),
+    "train_split": Field(
+        None, (str, NoneType),
+        "tfds split to train on, e.g. 'train[:90%]'. None: the preset's. `dataset` may be "
+        "any tfds name with `image` and `label` features when the three splits are set.",
+    ),
+    "validation_split": Field(
+        None, (str, NoneType), "tfds split evaluated during training. None: the preset's."
+    ),
+    "test_split": Field(
+        None, (str, NoneType), "tfds split of the final report. None: the preset's."
+    ),
     "num_classes": Field(None, (int, NoneType), "None: taken from the dataset."),
     "crop_area_min": Field(
         0.05, (float,), "Inception crop: smallest crop area, as a fraction of the image."
@@ -92,6 +104,25 @@ FIELDS: dict[str, Field] = {
     "weight_decay": Field(
         1e-5, (float,), "Decoupled weight decay on kernels, not multiplied by lr."
     ),
+    "optimizer": Field(
+        "adamw", (str,),
+        f"One of {OPTIMIZERS}: the paper's Adam with decoupled weight decay, or "
+        "Shampoo grafted to Adam (`optim.shampoo`; the paper's ImageNet runs need "
+        "4x fewer epochs with it).",
+    ),
+    "shampoo_block_size": Field(
+        128, (int,), "Shampoo: largest preconditioner block side (the paper: 128)."
+    ),
+    "shampoo_beta2": Field(
+        0.999, (float,),
+        "Shampoo: EMA of the Kronecker statistics and of the Adam graft's second moment.",
+    ),
+    "shampoo_precondition_every": Field(
+        10, (int,), "Shampoo: steps between recomputations of the inverse 4th roots."
+    ),
+    "shampoo_start_preconditioning_step": Field(
+        10, (int,), "Shampoo: first step with Shampoo's direction (the Adam graft before)."
+    ),
     "warmup_steps": Field(1500, (int,), "Linear warmup steps."),
     "seed": Field(0, (int,), "Seed of the data pipeline and model initialization."),
     "deterministic": Field(
@@ -114,7 +145,22 @@ FIELDS: dict[str, Field] = {
     ),
     "keep_checkpoints": Field(3, (int,), "Number of most recent checkpoints kept."),
     "eval_every_epochs": Field(
-        None, (int, NoneType), "Evaluate every N epochs. None: about 20 evaluations per run."
+        None, (int, NoneType),
+        "Evaluate every N epochs (or use eval_every_steps). None: about 20 evaluations per run.",
+    ),
+    "eval_every_steps": Field(
+        None, (int, NoneType),
+        "Evaluate every N steps (rounded up to the log cadence); overrides eval_every_epochs.",
+    ),
+    "log_every_steps": Field(
+        None, (int, NoneType),
+        "Steps between training logs (progress line, metrics.jsonl, TensorBoard; the NaN "
+        "check reads the loss then). None: every 50 steps, or about 10 logs in shorter runs.",
+    ),
+    "steps_per_execution": Field(
+        1, (int,),
+        "Train steps per compiled call (`compile(steps_per_execution=...)`; Keras "
+        "recommends more than 1 on TPU). log_every_steps must be a multiple of it.",
     ),
     "eval_batch_size": Field(256, (int,), "Evaluation batch size."),
 }

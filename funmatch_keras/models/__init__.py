@@ -16,9 +16,10 @@ from funmatch_keras.models.bit import (
     fold_weight_standardization,
 )
 from funmatch_keras.models.bit_weights import load_bit_npz, load_timm_bit, save_bit_npz
+from funmatch_keras.models.checks import check_teacher
 from funmatch_keras.models.cnn import small_cnn
 from funmatch_keras.models.weights import load_weights
-from funmatch_keras.models.zoo import build, list_models
+from funmatch_keras.models.zoo import build, list_models, load_keras_file
 
 __all__ = [
     "StdConv2D",
@@ -30,9 +31,11 @@ __all__ = [
     "bit_r152x4",
     "bit_resnet",
     "build",
+    "check_teacher",
     "fold_weight_standardization",
     "list_models",
     "load_bit_npz",
+    "load_keras_file",
     "load_timm_bit",
     "load_weights",
     "save_bit_npz",

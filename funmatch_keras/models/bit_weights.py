@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import warnings
+import zipfile
 from typing import Any
 
 import keras
@@ -106,6 +107,16 @@ def _expected_shape(slot: _Slot, fmt: str) -> tuple[int, ...]:
     return tuple(_to_file_layout(zeros, slot, fmt).shape)
 
 
+def _unreadable(path: str | os.PathLike, kind: str, error: BaseException) -> ValueError:
+    """The error for a checkpoint that exists but cannot be parsed."""
+    size = os.path.getsize(path)
+    return ValueError(
+        f"{os.fspath(path)!r} ({size} bytes) is not a readable {kind} file: it is "
+        f"probably truncated or corrupt (an interrupted download or copy?). Download "
+        f"or copy it again. ({type(error).__name__}: {error})"
+    )
+
+
 def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads every array of an `.npz`, refusing pickled (object) arrays."""
     if not os.path.exists(path):
@@ -124,30 +135,72 @@ def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
             "arrays, which can run arbitrary code. Re-save it with plain numeric "
             f"arrays. ({error})"
         ) from error
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise _unreadable(path, ".npz", error) from error
 
 
-def _head_wanted(head: bool | str, slots: list[_Slot], arrays: dict, fmt: str) -> bool:
+def _read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads every tensor of a `.safetensors` file (no code runs: plain tensors)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint not found: {os.fspath(path)!r}")
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(os.fspath(path))
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise _unreadable(path, ".safetensors", error) from error
+
+
+def _num_classes(shape: tuple[int, ...], fmt: str) -> int | None:
+    """The class count of a head kernel of `shape` in the file layout of `fmt`."""
+    if len(shape) != 4:
+        return None
+    return shape[0] if fmt == "timm" else shape[-1]  # OIHW / HWIO
+
+
+def _head_wanted(head: bool | str, new_head: bool | str, slots: list[_Slot],
+                 arrays: dict, fmt: str, model: keras.Model, source: str) -> bool:
     if head not in ("auto", True, False):
         raise ValueError(f"head must be 'auto', True or False. Received: head={head!r}")
-    if head != "auto":
-        return bool(head)
+    if not (new_head is True or new_head is False or new_head == "if_needed"):
+        raise ValueError("new_head must be False, True or 'if_needed'. "
+                         f"Received: new_head={new_head!r}")
+    if new_head and head is True:
+        raise ValueError("head=True loads the checkpoint's head and new_head starts "
+                         "a new one: pass one of them.")
     kernel = next(s for s in slots if s.kind == "head_kernel")
-    name = getattr(kernel, fmt)
-    found = arrays.get(name)
-    if found is not None and found.shape == _expected_shape(kernel, fmt):
+    expected = _expected_shape(kernel, fmt)
+    classes = _num_classes(expected, fmt)
+    found = arrays.get(getattr(kernel, fmt))
+    fits = found is not None and found.shape == expected
+    if new_head is True or head is False or (new_head == "if_needed" and not fits):
+        message = (
+            f"Not loading the classifier head of {source!r}: model {model.name!r} "
+            f"keeps its zero-initialised {classes}-class head, so it predicts nothing "
+            "until it is trained with labels. Train it before using it as a teacher "
+            "(`funmatch train-teacher`, or `--config.teacher_epochs`)."
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+        return False
+    if head is True or fits:
         return True
-    logger.info(
-        "Keeping the zero-initialized head: the checkpoint's head %s does not "
-        "match the model's %s.",
-        None if found is None else found.shape, _expected_shape(kernel, fmt),
+    found_text = ("has no classifier head" if found is None else
+                  f"has a {_num_classes(found.shape, fmt)}-class head "
+                  f"({getattr(kernel, fmt)} {tuple(found.shape)})")
+    raise ValueError(
+        f"{source!r} {found_text} but model {model.name!r} has {classes} classes "
+        f"(expected {getattr(kernel, fmt)} {expected}). To use it as a teacher, pass "
+        f"weights fine-tuned on your {classes} classes (or build the model with the "
+        "checkpoint's class count). To start a new head from this backbone and "
+        "train it with labels, pass new_head=True (`funmatch train-teacher`)."
     )
-    return False
 
 
 def _load(model: keras.Model, arrays: dict[str, np.ndarray], fmt: str,
-          head: bool | str, source: str) -> None:
+          head: bool | str, source: str, new_head: bool | str = False) -> None:
     slots = _name_map(model)
-    load_head = _head_wanted(head, slots, arrays, fmt)
+    load_head = _head_wanted(head, new_head, slots, arrays, fmt, model, source)
     wanted = [s for s in slots if load_head or s.kind not in _HEAD_KINDS]
     problems = []
     for slot in wanted:
@@ -176,23 +229,33 @@ def _load(model: keras.Model, arrays: dict[str, np.ndarray], fmt: str,
 
 
 def load_bit_npz(model: keras.Model, path: str | os.PathLike,
-                 head: bool | str = "auto") -> keras.Model:
+                 head: bool | str = "auto", new_head: bool | str = False) -> keras.Model:
     """Loads an official BiT `.npz` checkpoint (HWIO kernels) into `model`.
 
     Args:
         model: keras.Model. Built by `bit_resnet` (or a named constructor).
         path: str or PathLike. The `.npz` file, e.g. `BiT-M-R50x1.npz`.
         head: "auto", True or False. Whether to load `resnet/head/conv2d/*`:
-            "auto" loads it when its class count matches the model and
-            otherwise keeps the zero head (logged). Defaults to `"auto"`.
+            "auto" and True load it and raise if its class count differs from
+            the model's (a head that does not fit is never silently dropped);
+            False is `new_head=True`. Defaults to `"auto"`.
+        new_head: False, True or "if_needed". True: load the backbone only and
+            keep the model's zero-initialised head, to fine-tune it with labels
+            (from a checkpoint of another class count, e.g. the 21,843-class
+            BiT-M); "if_needed": the same unless the checkpoint's head fits (for
+            fine-tuning code that takes either). Warns loudly when the head is
+            new: such a model must be trained before it can teach. Defaults to
+            `False`.
 
     Returns:
         The same `model`, with its weights assigned in place.
 
     Raises:
         FileNotFoundError: if `path` does not exist.
-        ValueError: on pickled arrays, or missing / mis-shaped tensors (nothing
-            is assigned then). Unused tensors only produce a warning.
+        ValueError: on pickled arrays, a truncated or corrupt file, a head of
+            another class count (unless `new_head=True`), or missing /
+            mis-shaped tensors (nothing is assigned then). Unused tensors only
+            produce a warning.
 
     Example (a round trip through `save_bit_npz`):
         >>> import tempfile
@@ -208,14 +271,26 @@ def load_bit_npz(model: keras.Model, path: str | os.PathLike,
         >>> all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))
         True
 
-        With a downloaded checkpoint (1000 or 21843 classes), a 37-class model
-        keeps its zero head:
+        A head of another class count is an error, unless a new head is asked
+        for (the model must then be trained with labels before it can teach):
 
-        >>> model = bit_r50x1(num_classes=37, image_size=128)  # doctest: +SKIP
-        >>> load_bit_npz(model, "BiT-M-R50x1.npz")  # doctest: +SKIP
+        >>> other = bit_r50x1(num_classes=3)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_bit_npz(model, os.path.join(tmp, "r50x1.npz"))
+        ...     try:
+        ...         load_bit_npz(other, os.path.join(tmp, "r50x1.npz"))
+        ...     except ValueError as error:
+        ...         print(str(error)[str(error).index("has a"):].split(" but")[0])
+        ...     with warnings.catch_warnings():
+        ...         warnings.simplefilter("ignore")
+        ...         _ = load_bit_npz(other, os.path.join(tmp, "r50x1.npz"), new_head=True)
+        has a 10-class head (resnet/head/conv2d/kernel (1, 1, 2048, 10))
+        >>> head = keras.ops.convert_to_numpy(other.get_layer("head_logits").kernel)
+        >>> float(np.abs(head).max())
+        0.0
     """
     arrays = _read_npz(path)
-    _load(model, arrays, "bit", head, os.fspath(path))
+    _load(model, arrays, "bit", head, os.fspath(path), new_head)
     return model
 
 
@@ -246,7 +321,7 @@ def save_bit_npz(model: keras.Model, path: str | os.PathLike) -> None:
 
 
 def load_timm_bit(model: keras.Model, path: str | os.PathLike,
-                  head: bool | str = "auto") -> keras.Model:
+                  head: bool | str = "auto", new_head: bool | str = False) -> keras.Model:
     """Loads timm `resnetv2_*_bit` weights (`.safetensors` or state-dict `.npz`).
 
     timm names: `stem.conv.weight`, `stages.{i}.blocks.{j}.norm{1,2,3}.*`,
@@ -259,13 +334,17 @@ def load_timm_bit(model: keras.Model, path: str | os.PathLike,
         path: str or PathLike. A `.safetensors` file (read with
             `safetensors.numpy`) or an `.npz` of the state dict.
         head: "auto", True or False. As in `load_bit_npz`. Defaults to "auto".
+        new_head: False, True or "if_needed". As in `load_bit_npz`: keep a
+            zero head to train. Defaults to `False`.
 
     Returns:
         The same `model`, with its weights assigned in place.
 
     Raises:
         FileNotFoundError: if `path` does not exist.
-        ValueError: on pickled arrays, or missing / mis-shaped tensors.
+        ValueError: on pickled arrays, a truncated or corrupt file, a head of
+            another class count (unless `new_head=True`), or missing /
+            mis-shaped tensors.
 
     Example (a downloaded timm checkpoint):
         >>> from funmatch_keras.models import bit_r152x2
@@ -292,12 +371,8 @@ def load_timm_bit(model: keras.Model, path: str | os.PathLike,
         True
     """
     if os.fspath(path).endswith(".safetensors"):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Checkpoint not found: {os.fspath(path)!r}")
-        from safetensors.numpy import load_file
-
-        arrays = load_file(os.fspath(path))
+        arrays = _read_safetensors(path)
     else:
         arrays = _read_npz(path)
-    _load(model, arrays, "timm", head, os.fspath(path))
+    _load(model, arrays, "timm", head, os.fspath(path), new_head)
     return model

@@ -8,6 +8,7 @@ SavedModel directory (teachers only: it is wrapped, not trainable).
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Callable
 
 import keras
@@ -106,8 +107,59 @@ def _num_outputs(model: keras.Model) -> int | None:
     return model.outputs[0].shape[-1] if len(model.outputs) == 1 else None
 
 
+def load_keras_file(path: str | os.PathLike) -> keras.Model:
+    """Loads a `.keras` file with `safe_mode=True`, saying clearly why one cannot be.
+
+    Keras reports a truncated or corrupt `.keras` file (a zip archive) as "File
+    not found"; this says what is wrong with it and how to fix it.
+
+    Args:
+        path: str or PathLike. A `.keras` file written by `model.save`.
+
+    Returns:
+        The loaded `keras.Model` (the package's layers are registered).
+
+    Raises:
+        FileNotFoundError: nothing is at `path`.
+        ValueError: the file is truncated or corrupt, or not a `.keras` file.
+
+    Example:
+    >>> import tempfile
+    >>> from funmatch_keras.models import small_cnn
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.keras")
+    >>> small_cnn([4], num_classes=3, image_size=16).save(path)
+    >>> load_keras_file(path).output_shape
+    (None, 3)
+    >>> with open(path, "r+b") as f:
+    ...     _ = f.truncate(os.path.getsize(path) // 2)
+    >>> try:
+    ...     load_keras_file(path)
+    ... except ValueError as error:
+    ...     print(str(error).split(": ")[1].split(". ")[0])
+    it is truncated or corrupt (not a complete zip archive)
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No .keras file at {path!r}.")
+    if not path.endswith(".keras"):
+        raise ValueError(f"{path!r} is not a .keras file (the name must end in "
+                         "'.keras', as `model.save` writes it).")
+    corrupt = (f"{path!r} ({os.path.getsize(path)} bytes) cannot be loaded: it is "
+               "truncated or corrupt")
+    fix = ("Save or copy it again (a .keras file is the zip archive `model.save` "
+           "writes; an interrupted copy or save leaves it incomplete).")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{corrupt} (not a complete zip archive). {fix}")
+    import funmatch_keras.models  # noqa: F401  (registers StdConv2D for safe_mode)
+
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except (zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{corrupt} ({type(error).__name__}: {error}). {fix}") from error
+
+
 def _keras_file(path: str, num_classes: int) -> keras.Model:
-    model = keras.saving.load_model(path, safe_mode=True)
+    model = load_keras_file(path)
     if _num_outputs(model) != num_classes:
         raise ValueError(
             f"{path!r} outputs {[tuple(t.shape) for t in model.outputs]}, not "

@@ -1,0 +1,119 @@
+"""workdir.prepare: `--overwrite` starts from nothing, and a crash mid-way loses nothing."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from funmatch_keras import cli, configs, loop, supervised, train
+from funmatch_keras import workdir as workdirs
+
+# A previous run's entries, as `funmatch distill` and `train-teacher` leave them.
+OLD_RUN = ["config.json", "checkpoints/ckpt-000000004/student.weights.h5", "teacher.keras",
+           "teacher_checkpoints/ckpt-000000078/x", "teacher-1.keras",
+           "teacher-1_checkpoints/ckpt-000000001/x", "teacher_logits_abc.npy", "student.keras",
+           "metrics.jsonl", "tensorboard/train/events", "report.json", "report.png"]
+# Not the run's: kept by --overwrite.
+OTHERS = [".lock", "workertemp_worker_1/metrics.jsonl", "notes.txt"]
+
+
+def smoke_config(**overrides):
+    config = configs.load_config("digits:smoke=True")
+    return configs.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+
+
+def _files(root) -> set[str]:
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+
+
+def _old_run(workdir, config):
+    workdirs.prepare(str(workdir), config, overwrite=False)
+    for name in OLD_RUN[1:] + OTHERS:
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / name).write_text("old")
+
+
+def test_overwrite_moves_the_previous_run_aside_then_deletes_it(tmp_path, capsys):
+    _old_run(tmp_path, smoke_config())
+    workdirs.prepare(str(tmp_path), smoke_config(lr=0.5), overwrite=True)
+    assert _files(tmp_path) == {"config.json", *OTHERS}
+    assert workdirs.read_config(str(tmp_path)).lr == 0.5
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("--overwrite: moved the previous run (checkpoints/, teacher-1.keras")
+    assert "config.json) to " + str(tmp_path / ".replaced-") in line and "deleting it" in line
+    # Again: only the config is there to replace.
+    workdirs.prepare(str(tmp_path), smoke_config(lr=0.5), overwrite=True)
+    assert "the previous run (config.json) to" in capsys.readouterr().out
+    # An empty workdir: nothing to say.
+    workdirs.prepare(str(tmp_path / "new"), smoke_config(), overwrite=True)
+    assert capsys.readouterr().out == "" and _files(tmp_path / "new") == {"config.json"}
+
+
+def test_overwrite_keeps_files_the_config_names(tmp_path):
+    _old_run(tmp_path, smoke_config())
+    teacher = str(tmp_path / "teacher.keras")
+    workdirs.prepare(str(tmp_path), smoke_config(teacher=teacher), overwrite=True)
+    assert _files(tmp_path) == {"config.json", "teacher.keras", *OTHERS}
+
+
+def test_a_crash_mid_overwrite_loses_neither_run(tmp_path, monkeypatch, capsys):
+    _old_run(tmp_path, smoke_config())
+    moved, rename = [], os.rename
+
+    def crash_on_the_third(src, dst):
+        if len(moved) == 2:
+            raise OSError("disk gone")
+        moved.append(os.path.basename(src))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_on_the_third)
+    with pytest.raises(ValueError, match=r"could not move .*disk gone.*\.replaced-"):
+        workdirs.prepare(str(tmp_path), smoke_config(lr=0.5), overwrite=True)
+    monkeypatch.undo()
+    (aside,) = [n for n in os.listdir(tmp_path) if n.startswith(".replaced-")]
+    in_place = _files(tmp_path) - {f for f in _files(tmp_path) if f.startswith(aside)}
+    assert _files(tmp_path / aside) | in_place == {
+        *OLD_RUN, *OTHERS}
+    # config.json moves last, so the half-moved run still refuses another config...
+    assert workdirs.read_config(str(tmp_path)).lr == smoke_config().lr
+    with pytest.raises(ValueError, match="different config"):
+        workdirs.prepare(str(tmp_path), smoke_config(lr=0.5), overwrite=False)
+    # ...and --overwrite again finishes the job, leftover folder included.
+    workdirs.prepare(str(tmp_path), smoke_config(lr=0.5), overwrite=True)
+    assert _files(tmp_path) == {"config.json", *OTHERS}
+    assert "left by an interrupted --overwrite" in capsys.readouterr().out
+
+
+def _fit(workdir, lr):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    data = tf.data.Dataset.from_tensors((np.ones((2, 1)),) * 2).repeat()
+    loop.fit_with_checkpoints(model, lambda step: data, every_steps=2, keep=1, epochs=1,
+                              checkpoint_dir=os.path.join(workdir, workdirs.CHECKPOINTS),
+                              steps_per_epoch=2, verbose=0)
+
+
+def test_a_rerun_with_overwrite_does_not_resume(tmp_path, capsys):
+    workdir = str(tmp_path)
+    workdirs.prepare(workdir, smoke_config(), overwrite=False)
+    _fit(workdir, 0.1)
+    workdirs.prepare(workdir, smoke_config(), overwrite=False)  # same config: resumes
+    _fit(workdir, 0.1)
+    assert "Resuming training from step 2" in capsys.readouterr().out
+    workdirs.prepare(workdir, smoke_config(lr=0.5), overwrite=True)
+    assert not os.path.exists(os.path.join(workdir, workdirs.CHECKPOINTS))
+    _fit(workdir, 0.5)
+    assert "Resuming" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command,module,function", [
+    ("distill", train, "run"), ("train-teacher", supervised, "train_teacher")])
+def test_the_cli_passes_overwrite(tmp_path, monkeypatch, command, module, function):
+    calls = []
+    monkeypatch.setattr(module, function, lambda *args, **kwargs: calls.append(kwargs))
+    argv = [command, "--config=digits:smoke=True", f"--workdir={tmp_path}"]
+    assert cli.main(argv) == 0 and cli.main(argv + ["--overwrite"]) == 0
+    assert [kwargs["overwrite"] for kwargs in calls] == [False, True]
