@@ -295,11 +295,15 @@ def array_source(
 
 
 def _class_indices(labels: np.ndarray) -> np.ndarray:
-    """Labels as int64 class indices; whole-number floats are converted."""
+    """Labels as integer class indices; whole-number floats become int64.
+
+    Integer labels keep their dtype: the source's name (the teacher-logits cache
+    key) hashes them, and caches written before this check must still be found.
+    """
     if labels.dtype.kind in "iu":
         if labels.dtype.kind == "u" and labels.size and labels.max() > np.iinfo(np.int64).max:
             raise ValueError(f"Labels up to {labels.max()} are not class indices.")
-        return labels.astype(np.int64)
+        return labels
     if labels.dtype.kind == "f":
         whole = np.isfinite(labels) & (labels == np.round(labels))
         bad = np.flatnonzero(~whole)

@@ -63,7 +63,8 @@ def test_fixed_teacher_logits_match_eval_view_and_are_cached(tmp_path):
     assert other.calls > 0 and len(_cache_files(tmp_path)) == 2
     fewer = sources.array_source(images[:5], np.arange(5) % 2)  # other data: own file
     fewer_logits = teacher_cache.teacher_logits(fewer, teacher, TEACHER_SIZE, str(tmp_path))
-    np.testing.assert_array_equal(fewer_logits, logits[:5])
+    # Computed in other batch shapes: equal up to float32 rounding.
+    np.testing.assert_allclose(fewer_logits, logits[:5], rtol=0, atol=1e-6)
     assert len(_cache_files(tmp_path)) == 3
 
 
