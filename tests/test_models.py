@@ -599,13 +599,13 @@ def test_load_weights_passes_head_and_names_bad_files(model, bit_npz, tmp_path):
 
 
 # ---------------------------------------------------------------- harness ---
-# One spec of each family runs in the fast suite; three Keras families with
-# other layer kinds (LayerNorm, squeeze-excite, dense concatenation) are slow
+# One spec of each family runs in the fast suite; two Keras families with
+# other layer kinds (LayerNorm, squeeze-excite) are slow
 # (still in CI). The rest (the big BiTs, every other Keras application: about 25
 # more minutes on 2 cores) are `heavy`, left out of `make test` and CI to keep CI
 # under 30 minutes; run them with `pytest -m heavy tests/test_models.py`.
 FAST_SPECS = ("cnn:16,32,64", "bit_r50x1", "keras:MobileNetV2")
-SLOW_SPECS = ("keras:ConvNeXtTiny", "keras:EfficientNetB0", "keras:DenseNet121")
+SLOW_SPECS = ("keras:ConvNeXtTiny", "keras:EfficientNetB0")
 
 
 def _spec_marks(spec):
