@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/funmatch demo --workdir=demo_out
 
+# Two workers (pytest-xdist; tests sharing a module fixture stay together):
+# CI has 2 cores, and many tests wait on subprocesses or trace graphs on one.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -16,7 +16,7 @@ for epochs of 2, 6 and 100 steps. The student is `bit_r50x1` so that a
 checkpoint has its real size (student + Adam state); the teacher is a small
 CNN file, so the student and the loop dominate. It also times one checkpoint
 write (`CheckpointManager.save`), the part of it that blocks training when
-written in the background (`save_in_background`: the copy to host memory),
+written in the background (`save(..., background=True)`: the copy to host memory),
 and the share of the run the default cadence gives them.
 Target: a ratio >= 0.95 for every epoch structure. The last line is JSON.
 
@@ -38,8 +38,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 
-from funmatch_keras import (build, configs, data, models, steplog, train,  # noqa: E402
-                            workdir as workdirs)
+from funmatch_keras import (build, configs, data, hardware, models, steplog,  # noqa: E402
+                            train, workdir as workdirs)
 from funmatch_keras.checkpoint import CheckpointManager  # noqa: E402
 from funmatch_keras.distiller import Distiller  # noqa: E402
 
@@ -108,7 +108,7 @@ def checkpoint_seconds(config, directory: str, repeats: int) -> tuple[float, flo
         manager.save(step, student, optimizer)
         save.append(time.perf_counter() - start)
         start = time.perf_counter()
-        manager.save_in_background(100 + step, student, optimizer)
+        manager.save(100 + step, student, optimizer, background=True)
         blocking.append(time.perf_counter() - start)
         manager.wait()
     return statistics.median(save), statistics.median(blocking)
@@ -164,20 +164,11 @@ def main() -> None:
           f"in the background. At the default cadence (every {between_s:.0f} s here) that is "
           f"{save_s / between_s:.2%} of the run in the thread, {blocking_s / between_s:.2%} "
           "in the background.")
-    print(f"CPU: {_cpu_flags()}; TF backend, jit_compile={args.jit}, batch {args.batch_size}, "
+    print(f"CPU: {hardware.describe()}; TF backend, jit_compile={args.jit}, batch {args.batch_size}, "
           f"{args.size} px.")
     print(json.dumps({f"ratio_{r['steps_per_epoch']}": r["ratio"] for r in rows}
                      | {"checkpoint_s": round(save_s, 3),
                         "checkpoint_blocking_s": round(blocking_s, 3)}))
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512_bf16", "amx_bf16") if f" {f}" in text) or "none"
 
 
 if __name__ == "__main__":

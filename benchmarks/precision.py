@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -41,7 +40,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from funmatch_keras import build, data, models, optim, sources  # noqa: E402
+from funmatch_keras import build, data, hardware, models, optim, sources  # noqa: E402
 from funmatch_keras.distiller import Distiller  # noqa: E402
 
 SETTINGS = (  # name, teacher dtype, student dtype
@@ -50,17 +49,6 @@ SETTINGS = (  # name, teacher dtype, student dtype
     ("bf16 both", "bfloat16", "mixed_bfloat16"),
 )
 NUM_CLASSES = 10
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags that matter for bfloat16 speed, as /proc/cpuinfo lists them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    wanted = ("avx2", "fma", "f16c", "avx512", "amx", "avx_vnni")
-    return sorted(f for f in set(flags) if f.startswith(wanted))
 
 
 def teacher(spec: str, size: int, dtype: str, weights: list | None) -> keras.Model:
@@ -159,8 +147,8 @@ def main() -> None:
         args.teacher, args.student, args.size = "bit_r50x1", "cnn:16,32,64", 64
         args.repeats, args.train_images, args.test_images = 3, 256, 200
 
-    flags = cpu_flags()
-    print(f"cpu: {platform.processor() or platform.machine()}  flags: {' '.join(flags)}")
+    flags = hardware.cpu_flags()
+    print(f"cpu: {hardware.describe()}")
     print(f"tf {tf.__version__}  keras {keras.__version__}  teacher {args.teacher} -> "
           f"student {args.student}  size {args.size}  batch {args.batch}  jit {args.jit}")
     weights = fit_head(args.teacher, args.size, args.train_images, args.seed)

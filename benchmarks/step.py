@@ -49,7 +49,6 @@ import dataclasses
 import glob
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -63,7 +62,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import funmatch_keras as fm  # noqa: E402
-from funmatch_keras import data, models, optim  # noqa: E402
+from funmatch_keras import data, hardware, models, optim  # noqa: E402
 from funmatch_keras.sources import digits_source  # noqa: E402
 
 NUM_CLASSES = 10  # digits, for the agreement check
@@ -386,7 +385,7 @@ def main() -> None:
     num_eval = args.eval_images or (128 if args.quick else 540)
     start = time.time()
     load_start = os.getloadavg()[0]
-    cpu = _cpu_model()
+    cpu = hardware.cpu_model()
     print(f"cpu: {cpu} ({os.cpu_count()} cores)  tf {tf.__version__}  keras "
           f"{keras.__version__}  teacher {work.teacher} -> student {work.student}  "
           f"{work.size} px  batch {work.batch}  T={args.temperature}", flush=True)
@@ -548,17 +547,6 @@ def _print_table(rows: list[dict]) -> None:
             agree += f" (student {r['student_bf16_agreement']:.2%})"
         print(f"{r['variant']:<28}{r['ms']:>9.1f}{ips:>8}{r['gflops_per_s']:>9.1f}"
               f"{r['peak_fraction']:>8.0%}{r['speedup_vs_keras']:>8.2f}x {agree}")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

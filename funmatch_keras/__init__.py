@@ -28,9 +28,10 @@ __all__ = ["Distiller", "DistillationKL", "augment", "compat", "configs", "data"
 # Public submodules, plus the ones the eager imports used to load as a side effect
 # (`fm.distiller`, `fm.checkpoint`, `fm.loop` kept working; they still do).
 _SUBMODULES = frozenset([
-    "augment", "checkpoint", "compat", "configs", "data", "distiller", "distribute", "export",
-    "file_sources", "loop", "losses", "models", "optim", "recipe", "ship", "sources",
-    "stream", "teacher_cache", "train", "verify", "views",
+    "augment", "checkpoint", "checkpoint_callback", "checkpoint_format", "compat", "configs",
+    "data", "distiller", "distribute", "export", "file_sources", "loop", "losses", "models",
+    "optim", "recipe", "ship", "sources", "steplog", "stream", "teacher_cache", "train",
+    "verify", "views",
 ])
 # Re-exported name -> the submodule that defines it.
 _ATTRIBUTES = {"Distiller": "distiller", "DistillationKL": "losses"}

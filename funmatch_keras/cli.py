@@ -37,7 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     if args.teacher_epochs is not None:
         overrides["teacher_epochs"] = args.teacher_epochs
-    report = run_demo(args.workdir, verbose=args.verbose, **overrides)
+    run_demo(args.workdir, verbose=args.verbose, **overrides)
     print(f"Wrote {args.workdir}/student.keras, {args.workdir}/demo.png and report.json.")
     return 0
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = _split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(rest)
     args.overrides = overrides
-    from funmatch_keras.checkpoint import CheckpointWriteError
+    from funmatch_keras.checkpoint_format import CheckpointWriteError
     from funmatch_keras.loop import Preempted, TrainingError
 
     try:

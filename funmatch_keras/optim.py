@@ -153,3 +153,15 @@ def shampoo(
     )
     optimizer.exclude_from_weight_decay(var_names=[_NOT_A_KERNEL])
     return optimizer
+
+
+def global_step(optimizer: keras.optimizers.Optimizer) -> int:
+    """The optimizer's `iterations` as a Python int: the run's global step.
+
+    It survives restarts (checkpoints hold it), so cadences are counted on it.
+
+    Example:
+    >>> global_step(keras.optimizers.SGD())
+    0
+    """
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))

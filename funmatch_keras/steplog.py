@@ -28,6 +28,7 @@ import keras
 from absl import logging
 
 from funmatch_keras import atomic
+from funmatch_keras.optim import global_step
 
 
 class StepLogger(keras.callbacks.Callback):
@@ -99,7 +100,7 @@ class StepLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         # `fit_resumably` may call `fit` up to three times in one run.
-        self._step = _global_step(self.model)
+        self._step = global_step(self.model.optimizer)
         self._mark = self.clock()
         if self._started is not None:
             return
@@ -121,7 +122,7 @@ class StepLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        step = _global_step(self.model)
+        step = global_step(self.model.optimizer)
         train_s = self.clock() - self._mark
         steps, previous = step - self._step, self._step
         self._step = step
@@ -248,7 +249,3 @@ def throughput(history: list[dict], batch_size: int) -> float | None:
     if not steady or seconds <= 0:
         return None
     return round(sum(r["steps"] for r in steady) * batch_size / seconds, 1)
-
-
-def _global_step(model: keras.Model) -> int:
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))

@@ -17,7 +17,6 @@ Every file is written atomically (`funmatch_keras.atomic`).
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import tempfile

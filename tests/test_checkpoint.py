@@ -14,9 +14,9 @@ import pytest
 import funmatch_keras as fm
 import tensorflow as tf
 
-from funmatch_keras import checkpoint, loop, optim
+from funmatch_keras import checkpoint_format, loop, optim
 from funmatch_keras.checkpoint import CheckpointManager
-from funmatch_keras.loop import CheckpointCallback
+from funmatch_keras.checkpoint_callback import CheckpointCallback
 
 BATCH = 4
 
@@ -141,7 +141,7 @@ def test_crash_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.np, "savez", crash)
+    monkeypatch.setattr(checkpoint_format.np, "savez", crash)
     with pytest.raises(OSError, match="disk full"):
         restarted.save(4, student, optimizer)
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000000002"]
@@ -166,15 +166,15 @@ def test_background_save_copies_the_state_before_training_goes_on(tmp_path, monk
     expected = numpy_vars(student.weights)
     manager = CheckpointManager(str(tmp_path), keep=2)
     started, release = __import__("threading").Event(), __import__("threading").Event()
-    original = checkpoint.np.savez
+    original = checkpoint_format.np.savez
 
     def slow_savez(*args, **kwargs):
         started.set()
         release.wait(10)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.np, "savez", slow_savez)
-    manager.save_in_background(5, student, optimizer)
+    monkeypatch.setattr(checkpoint_format.np, "savez", slow_savez)
+    manager.save(5, student, optimizer, background=True)
     assert started.wait(10)
     for w in student.weights:  # "training" changes the weights mid-write
         w.assign(np.full(w.shape, 7.0, "float32"))
@@ -198,8 +198,8 @@ def test_a_failed_background_write_is_raised_and_keeps_the_previous(tmp_path, mo
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.np, "savez", full)
-    manager.save_in_background(4, student, optimizer)
+    monkeypatch.setattr(checkpoint_format.np, "savez", full)
+    manager.save(4, student, optimizer, background=True)
     with pytest.raises(OSError, match="No space left"):
         manager.wait()
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000000002"]
@@ -212,7 +212,7 @@ def test_sigkill_mid_background_write_leaves_the_previous_checkpoint(tmp_path):
         f"""
         import os, time
         import keras, numpy as np
-        from funmatch_keras import checkpoint
+        from funmatch_keras import checkpoint_format
         from funmatch_keras.checkpoint import CheckpointManager
 
         student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
@@ -220,7 +220,7 @@ def test_sigkill_mid_background_write_leaves_the_previous_checkpoint(tmp_path):
         optimizer.build(student.trainable_variables)
         manager = CheckpointManager({str(tmp_path)!r})
         manager.save(1, student, optimizer)
-        original = checkpoint.np.savez
+        original = checkpoint_format.np.savez
 
         def slow_savez(f, **arrays):
             original(f, **arrays)
@@ -228,8 +228,8 @@ def test_sigkill_mid_background_write_leaves_the_previous_checkpoint(tmp_path):
             print("WRITING", flush=True)
             time.sleep(60)  # killed here, half of the checkpoint on disk
 
-        checkpoint.np.savez = slow_savez
-        manager.save_in_background(2, student, optimizer)
+        checkpoint_format.np.savez = slow_savez
+        manager.save(2, student, optimizer, background=True)
         manager.wait()
         """
     )
@@ -392,7 +392,7 @@ def test_jax_backend_round_trip(tmp_path):
         import funmatch_keras as fm
         from funmatch_keras import optim
         from funmatch_keras.checkpoint import CheckpointManager
-        from funmatch_keras.loop import CheckpointCallback
+        from funmatch_keras.checkpoint_callback import CheckpointCallback
 
         def student(seed):
             keras.utils.set_random_seed(seed)
@@ -506,8 +506,8 @@ def test_a_write_fault_leaves_the_newest_intact_checkpoint_to_resume_from(tmp_pa
             def full(*args, **kwargs):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-            patch.setattr(checkpoint.np, "savez", full)
-            expected = pytest.raises(checkpoint.CheckpointWriteError,
+            patch.setattr(checkpoint_format.np, "savez", full)
+            expected = pytest.raises(checkpoint_format.CheckpointWriteError,
                                      match=r"No space left.*MiB free.*rerun the same command")
         else:
             real_replace = os.replace
@@ -517,7 +517,7 @@ def test_a_write_fault_leaves_the_newest_intact_checkpoint_to_resume_from(tmp_pa
                     raise _Crash
                 return real_replace(source, target)
 
-            patch.setattr(checkpoint.os, "replace", crash)
+            patch.setattr(checkpoint_format.os, "replace", crash)
             expected = pytest.raises(_Crash)
         with expected:
             _fit(directory, epochs=4)

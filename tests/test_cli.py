@@ -51,10 +51,10 @@ def test_funmatch_help_does_not_import_tensorflow():
 
 
 def test_a_full_disk_exits_with_its_own_code(monkeypatch, capsys, tmp_path):
-    from funmatch_keras import checkpoint, cli, train
+    from funmatch_keras import checkpoint_format, cli, train
 
     def full(*args, **kwargs):
-        raise checkpoint.CheckpointWriteError(28, "No space left to write checkpoint 6")
+        raise checkpoint_format.CheckpointWriteError(28, "No space left to write checkpoint 6")
 
     monkeypatch.setattr(train, "run", full)
     code = cli.main(["distill", "--config=digits:smoke=True", f"--workdir={tmp_path}"])

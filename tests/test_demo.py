@@ -8,6 +8,10 @@ import pytest
 
 from funmatch_keras import cli, data, sources
 
+# Under pytest-xdist (`make test`), the tests sharing this module's fixtures
+# run in one worker, so the fixtures are built once.
+pytestmark = pytest.mark.xdist_group("demo")
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

@@ -16,6 +16,10 @@ from funmatch_keras import export as fx
 from funmatch_keras import verify as fv
 
 from tests.export_fixtures import SIZE, digits, student, tiny_student  # noqa: F401
+
+# Under pytest-xdist (`make test`), the tests sharing this module's fixtures
+# run in one worker, so the fixtures are built once.
+pytestmark = pytest.mark.xdist_group("export")
 BLANK = np.zeros([1, SIZE, SIZE, 3], np.float32)
 # format -> (minimum top-1 agreement, maximum |logit difference| or None)
 TARGETS = {

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import cli, loop
+from funmatch_keras import checkpoint_callback, cli, loop
 from funmatch_keras.checkpoint import CheckpointManager
 
 
@@ -65,7 +65,7 @@ def test_checkpoint_every_minutes_with_an_injected_clock(tmp_path):
             now[0] += 25.0  # each step "takes" 25 s
 
     manager = CheckpointManager(str(tmp_path), keep=20)
-    callback = loop.CheckpointCallback(manager, every_steps=1000, student=None,
+    callback = checkpoint_callback.CheckpointCallback(manager, every_steps=1000, student=None,
                                        every_minutes=1.0, clock=lambda: now[0])
     model = _model()
     callback.student = model
@@ -196,11 +196,22 @@ def _student_weights(workdir):
     return model.get_weights()
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_weights(tmp_path_factory):
+    """The student of the run below, never interrupted (shared by both signals)."""
+    clean = tmp_path_factory.mktemp("clean")
+    run = _distill(clean)
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out[-3000:]
+    return _student_weights(clean)
+
+
 @pytest.mark.slow
+@pytest.mark.xdist_group("signals")  # one worker builds `uninterrupted_weights`
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_exits_4_and_the_rerun_resumes_exactly(tmp_path, sig):
-    stopped, clean = tmp_path / "stopped", tmp_path / "clean"
-    uninterrupted = _distill(clean)
+def test_signal_saves_exits_4_and_the_rerun_resumes_exactly(tmp_path, sig,
+                                                            uninterrupted_weights):
+    stopped = tmp_path / "stopped"
     run = _distill(stopped)
     checkpoints = stopped / "checkpoints"
     deadline = time.time() + 240
@@ -217,7 +228,5 @@ def test_signal_saves_exits_4_and_the_rerun_resumes_exactly(tmp_path, sig):
 
     out, _ = _distill(stopped).communicate(timeout=300)
     assert f"Resuming distillation from step {step} of 40" in out
-    out_clean, _ = uninterrupted.communicate(timeout=300)
-    assert uninterrupted.returncode == 0, out_clean[-3000:]
-    for a, b in zip(_student_weights(stopped), _student_weights(clean), strict=True):
+    for a, b in zip(_student_weights(stopped), uninterrupted_weights, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)

@@ -599,19 +599,29 @@ def test_load_weights_passes_head_and_names_bad_files(model, bit_npz, tmp_path):
 
 
 # ---------------------------------------------------------------- harness ---
-# One spec of each family runs in the fast suite; two Keras families with
-# other layer kinds (LayerNorm, squeeze-excite) are slow
-# (still in CI). The rest (the big BiTs, every other Keras application: about 25
-# more minutes on 2 cores) are `heavy`, left out of `make test` and CI to keep CI
-# under 30 minutes; run them with `pytest -m heavy tests/test_models.py`.
+# Every registered spec goes through the harness. In `make test` and CI, one
+# spec of each family runs: its smallest member, since the others of a family
+# are the same builder with more blocks or channels (a `keras:` family is the
+# keras.applications module that defines it; BiT and the CNN are one builder
+# each). The other specs (about 30, up to 936M parameters, too slow and too big
+# for CI's 2 cores and 30 minutes) are `heavy`: `pytest -m heavy tests/test_models.py`.
 FAST_SPECS = ("cnn:16,32,64", "bit_r50x1", "keras:MobileNetV2")
-SLOW_SPECS = ("keras:ConvNeXtTiny", "keras:EfficientNetB0")
+FAMILY_SPECS = tuple(f"keras:{name}" for name in (
+    "ConvNeXtTiny", "DenseNet121", "EfficientNetB0", "EfficientNetV2B0", "InceptionResNetV2",
+    "InceptionV3", "MobileNet", "MobileNetV3Small", "NASNetMobile", "ResNet50", "ResNet50V2",
+    "VGG16", "VGG19", "Xception"))
+
+
+def _family(spec: str) -> str:
+    if spec.startswith("keras:"):
+        return getattr(keras.applications, spec.removeprefix("keras:")).__module__
+    return re.split(r"[_:]", spec)[0]  # "bit", "cnn"
 
 
 def _spec_marks(spec):
     if spec in FAST_SPECS:
         return ()
-    return pytest.mark.slow if spec in SLOW_SPECS else (pytest.mark.slow, pytest.mark.heavy)
+    return pytest.mark.slow if spec in FAMILY_SPECS else (pytest.mark.slow, pytest.mark.heavy)
 
 
 @pytest.mark.parametrize("spec", [
@@ -619,3 +629,9 @@ def _spec_marks(spec):
 ])
 def test_model_spec(spec, tmp_path):
     run_model_spec_test(spec, tmp_path)
+
+
+def test_every_model_family_has_a_spec_in_ci():
+    in_ci = {_family(spec) for spec in FAST_SPECS + FAMILY_SPECS}
+    assert in_ci == {_family(spec) for spec in models.list_models()}
+    assert set(FAMILY_SPECS) <= set(models.list_models())

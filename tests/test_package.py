@@ -60,3 +60,58 @@ def test_public_names_reachable():
 def test_unknown_attribute_raises():
     with pytest.raises(AttributeError, match="no_such_thing"):
         fm.no_such_thing  # noqa: B018
+
+
+# -- the architecture (README, "What is in the box") ---------------------------
+_PACKAGE = _ROOT / "funmatch_keras"
+# The app layer: config + workdir. Everything else is library and never imports it.
+_APP = {"configs", "build", "workdir", "workdir_lock", "supervised", "train", "evaluate",
+        "ship", "demo", "cli"}
+
+
+def _modules():
+    """`(name, path)` of every module; a subpackage counts as its top-level name."""
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        parts = path.relative_to(_PACKAGE).with_suffix("").parts
+        if parts != ("__init__",):
+            yield parts[0], path
+
+
+def _imported_package_modules(path):
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("funmatch_keras"):
+            parts = node.module.split(".")
+            names |= {a.name for a in node.names} if len(parts) == 1 else {parts[1]}
+    return names
+
+
+def test_every_module_is_under_400_lines_with_a_one_line_job():
+    for _, path in _modules():
+        text = path.read_text()
+        assert len(text.splitlines()) < 400, f"{path.name}: {len(text.splitlines())} lines"
+        if not path.name.startswith("__"):
+            first = text.lstrip().splitlines()[0]
+            assert first.lstrip("r").startswith('"""') and len(first) > 10, (path, first)
+
+
+def test_library_modules_never_import_the_app_layer():
+    for name, path in _modules():
+        if name not in _APP:
+            assert not _imported_package_modules(path) & _APP, (
+                path, _imported_package_modules(path) & _APP)
+
+
+def test_readme_module_table_names_every_module():
+    import re
+
+    listed = set()
+    for line in (_ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| `funmatch_keras."):
+            first_cell = line.split("|")[1]
+            listed |= {name.removeprefix("funmatch_keras.")
+                       for name in re.findall(r"`([\w.]+)`", first_cell)}
+    missing = {name for name, _ in _modules()} - listed
+    assert not missing, f"modules missing from the README's module table: {missing}"

@@ -6,8 +6,6 @@ check the workdir side: finding the student, the config's images, the report.
 
 import json
 
-import keras
-import numpy as np
 import pytest
 
 from funmatch_keras import configs
@@ -16,7 +14,9 @@ from funmatch_keras import ship
 
 from tests.export_fixtures import SIZE, digits, student, tiny_student  # noqa: F401
 
-
+# Under pytest-xdist (`make test`), the tests sharing this module's fixtures
+# run in one worker, so the fixtures are built once.
+pytestmark = pytest.mark.xdist_group("ship")
 
 
 def test_run_export_without_student(tmp_path):

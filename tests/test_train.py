@@ -73,7 +73,7 @@ class _Killed(Exception):
 
 @pytest.mark.slow
 def test_teacher_training_inside_distill_resumes_after_a_kill(tmp_path, monkeypatch, capsys):
-    from funmatch_keras.loop import CheckpointCallback
+    from funmatch_keras.checkpoint_callback import CheckpointCallback
 
     config = smoke_config(epochs=1, steps_per_epoch=1, checkpoint_every_steps=2,
                           log_every_steps=1, deterministic=True)
@@ -248,7 +248,7 @@ def test_cli_exit_code_3_when_training_stops_early(tmp_path, monkeypatch, capsys
 @pytest.mark.slow
 def test_a_workdir_written_before_the_layout_change_still_resumes(tmp_path, monkeypatch, capsys):
     """config.json without the newer fields (`teachers`), checkpoints, teacher.keras."""
-    from funmatch_keras.loop import CheckpointCallback
+    from funmatch_keras.checkpoint_callback import CheckpointCallback
 
     config = smoke_config(epochs=2, steps_per_epoch=2, checkpoint_every_steps=2)
     run_dir = tmp_path / "old"
