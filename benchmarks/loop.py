@@ -75,7 +75,8 @@ def bare_images_per_s(config, warmup_steps: int) -> float:
         shuffle_buffer=min(source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
         area_range=(config.crop_area_min, 1.0), flip=config.flip)
     timer = _SteadyStateTimer(warmup_steps)
-    distiller.fit(ds, steps_per_epoch=total, epochs=1, verbose=0, callbacks=[timer])
+    distiller.fit(ds, steps_per_epoch=total, epochs=1, verbose=0, callbacks=[timer],
+                  shuffle=False)  # as `loop.fit_resumably` calls it
     return (total - warmup_steps) * config.batch_size / (timer.end - timer.start)
 
 

@@ -5,11 +5,15 @@ Two runs in one workdir would interleave their checkpoints, metrics and report.
 starting together exactly one creates it) holding `{"pid", "host", "started"}`,
 and removes it when the block ends, exceptions and `Preempted` included.
 
-A lock left by a run that died without cleaning up (SIGKILL, a lost machine) is
-stale when it names this host and a process that no longer exists (or a pid now
-used by a process that started after the lock was written); it is then taken
-over, with a warning. A lock of another host cannot be checked from here, so it
-counts as held: the error says how to remove it when that run is known to be gone.
+While held, a daemon thread refreshes the lock file's modification time every
+`HEARTBEAT_S` seconds. A lock left by a run that died without cleaning up
+(SIGKILL, a lost machine) is stale, and is taken over with a warning, when it
+names this host and a process that no longer exists (or a pid now used by a
+process that started after the lock was written), or when it names another host
+and has not been refreshed for `STALE_AFTER_S` seconds: a preempted pod restarted
+under a new hostname resumes on its own once the old heartbeat is that old. A
+fresher lock of another host counts as held: its process cannot be checked from
+here, and the error says when it will count as stale.
 
 Under multi-worker training only the chief locks the workdir (`enabled=False`
 on the others: they write into their own `workertemp_<task>/`).
@@ -38,12 +42,17 @@ import time
 from typing import Any, Iterator
 
 LOCK_FILE = ".lock"
+HEARTBEAT_S = 30.0  # how often a holder refreshes its lock file's mtime
+# A lock of another host not refreshed for this long is stale. Ten heartbeats:
+# room for clock skew and network filesystems' attribute caches (NFS: up to 60 s).
+STALE_AFTER_S = 300.0
 # A pid whose process started this many seconds after the lock's `started` was
 # reused: the lock's own process is gone. (Linux reports start times to about 1 s.)
 _PID_REUSE_SLACK_S = 2.0
 
 _log = logging.getLogger(__name__)
 _held: dict[str, dict[str, Any]] = {}  # lock files this process holds: their records
+_heartbeats: dict[str, threading.Event] = {}  # set to stop a held lock's heartbeat
 _held_guard = threading.Lock()
 
 
@@ -167,19 +176,50 @@ def _acquire(workdir: str) -> str:
         for _ in range(5):  # lost races re-read the new holder
             try:
                 if _create(path, record):
-                    _held[path] = record
-                    return path
+                    return _start_holding(path, record)
             except OSError as error:
                 if error.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
                     raise ValueError(f"The workdir {workdir!r} is not writable ({error}). "
                                      "Pick another --workdir.") from None
                 raise
             if _take_over_if_stale(workdir, path, record):
-                _held[path] = record
-                return path
+                return _start_holding(path, record)
             time.sleep(0.05)  # e.g. a holder writing its lock file this moment
         found = holder(workdir)
         raise WorkdirLockedError(_locked_message(workdir, path, found), path, found)
+
+
+def _start_holding(path: str, record: dict[str, Any]) -> str:
+    _held[path] = record
+    stop = _heartbeats[path] = threading.Event()
+    threading.Thread(target=_heartbeat, args=(path, record, stop), daemon=True,
+                     name=f"workdir-lock-heartbeat:{path}").start()
+    return path
+
+
+def _heartbeat(path: str, record: dict[str, Any], stop: threading.Event) -> None:
+    """Refreshes the lock file's mtime until `stop`; stops if the lock is no longer ours."""
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            with open(path) as f:
+                ours = json.loads(f.read()) == record
+            if ours:
+                os.utime(path)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            _log.error("The workdir lock %s was removed or replaced while this process "
+                       "(pid %d) held it: another run may now write in the same workdir.",
+                       path, os.getpid())
+            return
+
+
+def _heartbeat_age(path: str) -> float | None:
+    """Seconds since the lock file was last refreshed (0 if it is in the future)."""
+    try:
+        return max(0.0, time.time() - os.path.getmtime(path))
+    except OSError:
+        return None
 
 
 def _take_over_if_stale(workdir: str, path: str, record: dict[str, Any]) -> bool:
@@ -211,7 +251,12 @@ def _stale_reason(found: dict[str, Any], path: str) -> str | None:
             return None
         return "its lock file is unreadable and over 10 s old" if age > 10 else None
     if found.get("host") != socket.gethostname():
-        return None  # another machine: its processes cannot be checked from here
+        # Another machine: its processes cannot be checked from here; its heartbeat can.
+        age = _heartbeat_age(path)
+        if age is not None and age > STALE_AFTER_S:
+            return (f"it names another host and was last refreshed {age:.0f} s ago "
+                    f"(a live holder refreshes it every {HEARTBEAT_S:.0f} s)")
+        return None
     pid = found.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return f"it names no valid pid ({pid!r})"
@@ -288,6 +333,9 @@ def _directory_guard(directory: str) -> Iterator[None]:
 def _release(path: str) -> None:
     with _held_guard:
         record = _held.pop(path, None)
+        stop = _heartbeats.pop(path, None)
+        if stop is not None:
+            stop.set()
         try:
             with open(path) as f:
                 found = json.loads(f.read())
@@ -307,7 +355,11 @@ def _locked_message(workdir: str, path: str, found: dict[str, Any] | None) -> st
         who = (f"process {found.get('pid')} on host {found.get('host')} "
                f"since {found.get('started')}")
         if found.get("host") != socket.gethostname():
-            who += f" (another host than this one, {socket.gethostname()}: not checkable here)"
+            age = _heartbeat_age(path)
+            refreshed = "" if age is None else f", last refreshed {age:.0f} s ago"
+            who += (f" (another host than this one, {socket.gethostname()}: not checkable "
+                    f"here{refreshed}; it counts as stale once not refreshed for "
+                    f"{STALE_AFTER_S:.0f} s)")
     return (
         f"The workdir {workdir!r} is in use by {who}. Two runs in one workdir would "
         "overwrite each other's checkpoints. Wait for that run to end, use another "

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,6 +87,47 @@ def test_live_and_foreign_locks_are_refused_and_kept(tmp_path):
         with hold(str(tmp_path)):
             pass
     assert workdir_lock.holder(str(tmp_path))["host"] == "other-machine"
+
+
+def _age_lock(workdir, seconds: float) -> None:
+    past = time.time() - seconds
+    os.utime(os.path.join(workdir, ".lock"), (past, past))
+
+
+def test_a_foreign_lock_is_stale_once_its_heartbeat_is_old(tmp_path, caplog):
+    # A preempted pod restarted under a new hostname: the old host's lock stops
+    # being refreshed, and after STALE_AFTER_S the new pod takes it over.
+    _write_lock(tmp_path, pid=os.getpid(), host="old-pod-7f9c", started=workdir_lock._now())
+    _age_lock(tmp_path, workdir_lock.STALE_AFTER_S - 60)
+    with pytest.raises(WorkdirLockedError, match=r"old-pod-7f9c.*last refreshed 2\d\d s ago"
+                       r".*stale once not refreshed for 300 s"):
+        with hold(str(tmp_path)):
+            pass
+    _age_lock(tmp_path, workdir_lock.STALE_AFTER_S + 60)
+    with caplog.at_level(logging.WARNING, logger="funmatch_keras.workdir_lock"):
+        with hold(str(tmp_path)):
+            assert workdir_lock.holder(str(tmp_path))["host"] == socket.gethostname()
+    assert "old-pod-7f9c" in caplog.text and "last refreshed 360 s ago" in caplog.text
+
+
+def test_a_held_lock_is_refreshed_while_the_run_lasts(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.05)
+    path = os.path.join(tmp_path, ".lock")
+    with hold(str(tmp_path)):
+        _age_lock(tmp_path, 3600)
+        deadline = time.time() + 10
+        while os.path.getmtime(path) < time.time() - 60 and time.time() < deadline:
+            time.sleep(0.05)
+        assert time.time() - os.path.getmtime(path) < 60  # refreshed by the heartbeat
+        with caplog.at_level(logging.ERROR, logger="funmatch_keras.workdir_lock"):
+            _write_lock(tmp_path, pid=1, host="intruder", started=workdir_lock._now())
+            while "removed or replaced" not in caplog.text and time.time() < deadline:
+                time.sleep(0.05)
+        assert "removed or replaced" in caplog.text
+        _age_lock(tmp_path, 3600)
+        time.sleep(0.3)  # the heartbeat stopped: it no longer touches another's lock
+        assert time.time() - os.path.getmtime(path) > 3000
+    assert workdir_lock.holder(str(tmp_path))["host"] == "intruder"  # not ours to remove
 
 
 def test_the_lock_is_released_after_an_exception(tmp_path):
