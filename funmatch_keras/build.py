@@ -170,6 +170,7 @@ def optimizer(config: ml_collections.ConfigDict, total_steps: int,
             config.lr, config.weight_decay, total_steps, warmup,
             block_size=config.shampoo_block_size, beta2=config.shampoo_beta2,
             precondition_every=config.shampoo_precondition_every,
+            statistics_every=config.shampoo_statistics_every,
             start_preconditioning_step=config.shampoo_start_preconditioning_step)
     if config.optimizer != "adamw":
         raise ValueError("`optimizer` must be 'adamw' or 'shampoo'. "

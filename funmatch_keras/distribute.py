@@ -290,6 +290,22 @@ class Replication:
             return self.strategy.distribute_datasets_from_function(make_pipeline)
         return make_pipeline(None)
 
+    def barrier(self) -> None:
+        """Returns once every worker has called it (at once with one worker).
+
+        One all-reduce over the workers: e.g. no worker reads the shared
+        checkpoints before the chief's `--overwrite` has moved the old run aside.
+
+        Example:
+        >>> replication("default").barrier()
+        """
+        if self.num_workers > 1:
+            import tensorflow as tf
+
+            strategy = self.strategy
+            strategy.reduce(tf.distribute.ReduceOp.SUM,
+                            strategy.run(lambda: tf.constant(1.0)), axis=None)
+
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
         """Build models, optimizer and `Distiller`, and train, inside this."""

@@ -95,6 +95,7 @@ def shampoo(
     block_size: int = 128,
     beta2: float = 0.999,
     precondition_every: int = 10,
+    statistics_every: int = 1,
     start_preconditioning_step: int = 10,
     nesterov: bool = True,
     root_method: str = "auto",
@@ -121,6 +122,8 @@ def shampoo(
             moment. Defaults to `0.999`.
         precondition_every: int. Steps between inverse-root recomputations.
             Defaults to `10`.
+        statistics_every: int. Steps between updates of the Kronecker
+            statistics (half the optimizer's work). Defaults to `1`.
         start_preconditioning_step: int. First step with Shampoo's direction
             (Adam's before). Defaults to `10`.
         nesterov: bool. Nesterov momentum (β1 = 0.9). Defaults to `True`.
@@ -146,6 +149,7 @@ def shampoo(
         epsilon=1e-8,
         block_size=block_size,
         precondition_every=precondition_every,
+        statistics_every=statistics_every,
         start_preconditioning_step=start_preconditioning_step,
         nesterov=nesterov,
         root_method=root_method,

@@ -14,8 +14,12 @@ For a kernel (a conv kernel `(H, W, in, out)` is seen as the matrix
    `A = G / (sqrt(v / (1−β2^t)) + ε)`.
 2. The matrix is cut into blocks of at most `block_size` rows and columns,
    as even as possible (300 rows at 128: three blocks of 100, not 128 + 128
-   + 44; the last block is smaller when the split is not exact). Per block `B`:
-   `L ← β2·L + (1−β2)·B·Bᵀ`, `R ← β2·R + (1−β2)·Bᵀ·B`.
+   + 44; the last block is smaller when the split is not exact). Per block `B`,
+   every `statistics_every` steps (steps 1, 1 + n, ...; optax's
+   `statistics_compute_steps`): `L ← β2·L + (1−β2)·B·Bᵀ`, `R ← β2·R + (1−β2)·Bᵀ·B`.
+   These two matmuls are half the optimizer's work per step: updating them
+   every 10 steps instead of every step costs little (the EMA averages over
+   1/(1−β2) = 1,000 steps) where the optimizer's share of the step is large.
 3. Every `precondition_every` steps from `start_preconditioning_step` on, in
    float32: `P_L = (L + e·λmax(L)·I)^(-1/4)` and the same for `R`; the ridge
    `e` (`matrix_epsilon`) is relative to the largest eigenvalue, so the
@@ -134,6 +138,8 @@ class Shampoo(keras.optimizers.Optimizer):
         block_size: int. Largest block side. Defaults to `128`.
         precondition_every: int. Steps between inverse-root recomputations.
             Defaults to `10`.
+        statistics_every: int. Steps between updates of the statistics `L`
+            and `R`. Defaults to `1` (every step, as in the paper).
         start_preconditioning_step: int. First (1-based) step that uses
             Shampoo's direction and computes the roots; earlier steps use Adam's.
             Defaults to `10`.
@@ -157,9 +163,10 @@ class Shampoo(keras.optimizers.Optimizer):
                  epsilon: float = 1e-8, matrix_epsilon: float = 1e-6, block_size: int = 128,
                  precondition_every: int = 10, start_preconditioning_step: int = 10,
                  nesterov: bool = True, root_method: str = "auto", name: str = "shampoo",
-                 **kwargs):
+                 statistics_every: int = 1, **kwargs):
         _check_int("block_size", block_size, 1)
         _check_int("precondition_every", precondition_every, 1)
+        _check_int("statistics_every", statistics_every, 1)
         _check_int("start_preconditioning_step", start_preconditioning_step, 1)
         if not 0.0 <= beta1 < 1.0:
             raise ValueError(f"`beta1` must be in [0, 1). Received: beta1={beta1}")
@@ -178,6 +185,7 @@ class Shampoo(keras.optimizers.Optimizer):
         self.epsilon, self.matrix_epsilon = float(epsilon), float(matrix_epsilon)
         self.block_size = block_size
         self.precondition_every = precondition_every
+        self.statistics_every = statistics_every
         self.start_preconditioning_step = start_preconditioning_step
         self.nesterov = bool(nesterov)
         self.root_method = root_method
@@ -240,15 +248,25 @@ class Shampoo(keras.optimizers.Optimizer):
         layout = self._layouts[index]
         stats_left, stats_right, root_left, root_right = self._blocks[index]
         blocks = _to_blocks(grad, layout)
-        transposed = ops.swapaxes(blocks, -1, -2)
         new_weight = 1.0 if self.beta2 == 1.0 else 1.0 - self.beta2
-        new_left = self.beta2 * stats_left + new_weight * ops.matmul(blocks, transposed)
-        new_right = self.beta2 * stats_right + new_weight * ops.matmul(transposed, blocks)
-        self.assign(stats_left, new_left)
-        self.assign(stats_right, new_right)
 
-        start = self.start_preconditioning_step
-        since_start = step_int - start
+        def fresh_statistics():
+            transposed = ops.swapaxes(blocks, -1, -2)
+            return (self.beta2 * ops.convert_to_tensor(stats_left)
+                    + new_weight * ops.matmul(blocks, transposed),
+                    self.beta2 * ops.convert_to_tensor(stats_right)
+                    + new_weight * ops.matmul(transposed, blocks))
+
+        if self.statistics_every == 1:
+            new_left, new_right = fresh_statistics()
+            self.assign(stats_left, new_left)
+            self.assign(stats_right, new_right)
+        else:
+            new_left, new_right = self._assign_when(
+                ops.equal((step_int - 1) % self.statistics_every, 0),
+                (stats_left, stats_right), fresh_statistics)
+
+        since_start = step_int - self.start_preconditioning_step
         recompute = ops.logical_and(since_start >= 0,
                                     ops.equal(since_start % self.precondition_every, 0))
         old_left, old_right = ops.convert_to_tensor(root_left), ops.convert_to_tensor(root_right)
@@ -256,22 +274,8 @@ class Shampoo(keras.optimizers.Optimizer):
         def fresh_roots():
             return (self._safe_root(new_left, old_left), self._safe_root(new_right, old_right))
 
-        if keras.backend.backend() == "tensorflow":
-            # TensorFlow graphs allow assignments inside a branch, which saves
-            # copying every root on the steps that do not recompute them.
-            def refresh():
-                for variable, value in zip((root_left, root_right), fresh_roots()):
-                    self.assign(variable, value)
-                return ops.convert_to_tensor(True)
-
-            ops.cond(recompute, refresh, lambda: ops.convert_to_tensor(False))
-            new_root_left, new_root_right = root_left.value, root_right.value
-        else:  # JAX traces pure functions: select the value, assign outside
-            new_root_left, new_root_right = ops.cond(recompute, fresh_roots,
-                                                     lambda: (old_left, old_right))
-            self.assign(root_left, new_root_left)
-            self.assign(root_right, new_root_right)
-
+        new_root_left, new_root_right = self._assign_when(
+            recompute, (root_left, root_right), fresh_roots)
         preconditioned = _from_blocks(
             ops.matmul(ops.matmul(new_root_left, blocks), new_root_right), layout, shape)
         # Layer-wise grafting: Shampoo's direction with the norm of Adam's.
@@ -279,6 +283,26 @@ class Shampoo(keras.optimizers.Optimizer):
         norm = ops.sqrt(ops.sum(preconditioned * preconditioned))
         grafted = preconditioned * (graft / (norm + 1e-16))
         return ops.where(since_start >= 0, grafted, adam_direction)
+
+    def _assign_when(self, condition, variables, compute):
+        """Assigns `compute()` to `variables` if `condition`, computing nothing
+        otherwise; returns the variables' values after it."""
+        if keras.backend.backend() == "tensorflow":
+            # TensorFlow graphs allow assignments inside a branch, which saves
+            # copying the state on the steps that do not recompute it.
+            def assign():
+                for variable, value in zip(variables, compute()):
+                    self.assign(variable, value)
+                return ops.convert_to_tensor(True)
+
+            ops.cond(condition, assign, lambda: ops.convert_to_tensor(False))
+            return tuple(ops.convert_to_tensor(variable) for variable in variables)
+        # JAX traces pure functions: select the value, assign outside.
+        old = tuple(ops.convert_to_tensor(variable) for variable in variables)
+        values = ops.cond(condition, compute, lambda: old)
+        for variable, value in zip(variables, values):
+            self.assign(variable, value)
+        return tuple(values)
 
     def _safe_root(self, statistics, previous):
         # Exponent −1/(2·rank) = −1/4 for the matrix view. A block without
@@ -293,6 +317,7 @@ class Shampoo(keras.optimizers.Optimizer):
             "beta1": self.beta1, "beta2": self.beta2, "epsilon": self.epsilon,
             "matrix_epsilon": self.matrix_epsilon, "block_size": self.block_size,
             "precondition_every": self.precondition_every,
+            "statistics_every": self.statistics_every,
             "start_preconditioning_step": self.start_preconditioning_step,
             "nesterov": self.nesterov, "root_method": self.root_method,
         })

@@ -258,18 +258,32 @@ def _tail(path):
     return _read(path)[-3000:]
 
 
-@pytest.mark.slow
-def test_multi_worker_run_on_two_processes(tmp_path, teacher_file):
-    workdir = str(tmp_path / "run")
+# Runs `funmatch distill` with the chief's `--overwrite` slowed down: a worker
+# that restored before the chief moved the old run aside would resume it.
+_SLOW_CHIEF_OVERWRITE = """
+import sys, time
+from funmatch_keras import cli, workdir as workdirs
+prepare = workdirs.prepare
+def slow_prepare(workdir, config, overwrite):
+    if overwrite and "workertemp_" not in workdir:  # the chief, on the shared workdir
+        time.sleep(8)
+    return prepare(workdir, config, overwrite)
+workdirs.prepare = slow_prepare
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _run_two_workers(tmp_path, workdir, name, overrides, script=None) -> list[str]:
+    """Runs a 2-worker `funmatch distill`; returns the two logs' paths."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     jobs, logs = [], []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        logs.append(str(tmp_path / f"worker{index}.log"))
-        jobs.append((_distill_command(workdir, f"--config.teacher={teacher_file}",
-                                      "--config.epochs=1", "--config.checkpoint_every_steps=1",
-                                      "--verbose=2"),
-                     _env(TF_CONFIG=json.dumps(tf_config), KERAS_BACKEND="tensorflow"),
+        logs.append(str(tmp_path / f"{name}{index}.log"))
+        command = _distill_command(workdir, *overrides, "--verbose=2")
+        if script is not None:
+            command = [sys.executable, "-c", script, *command[3:]]
+        jobs.append((command, _env(TF_CONFIG=json.dumps(tf_config), KERAS_BACKEND="tensorflow"),
                      open(logs[-1], "w")))
     try:
         codes = _run_processes(jobs, timeout=150)
@@ -279,6 +293,22 @@ def test_multi_worker_run_on_two_processes(tmp_path, teacher_file):
         for _, _, log in jobs:
             log.close()
     assert codes == [0, 0], "\n".join(_tail(p) for p in logs)
+    return logs
+
+
+def _chief_and_worker_students(workdir):
+    chief = keras.saving.load_model(os.path.join(workdir, "student.keras"))
+    worker = keras.saving.load_model(
+        os.path.join(workdir, "workertemp_worker_1", "student.keras"))
+    return chief.get_weights(), worker.get_weights()
+
+
+@pytest.mark.slow
+def test_multi_worker_run_on_two_processes(tmp_path, teacher_file):
+    workdir = str(tmp_path / "run")
+    logs = _run_two_workers(tmp_path, workdir, "worker", [
+        f"--config.teacher={teacher_file}", "--config.epochs=1",
+        "--config.checkpoint_every_steps=1"])
 
     # The chief (worker 0) wrote the checkpoints and the report into the workdir...
     for name in ("student.keras", "report.json", "metrics.jsonl", "config.json"):
@@ -292,9 +322,8 @@ def test_multi_worker_run_on_two_processes(tmp_path, teacher_file):
     assert sorted(os.listdir(workdir)) == [
         "checkpoints", "config.json", "metrics.jsonl", "report.json", "report.png",
         "student.keras", "tensorboard", "workertemp_worker_1"]
-    chief = keras.saving.load_model(os.path.join(workdir, "student.keras"))
-    worker = keras.saving.load_model(os.path.join(other, "student.keras"))
-    for a, b in zip(chief.get_weights(), worker.get_weights()):
+    first_chief, first_worker = _chief_and_worker_students(workdir)
+    for a, b in zip(first_chief, first_worker):
         np.testing.assert_array_equal(a, b)
     history = workdirs.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     assert [h["step"] for h in history] == [1, 2]  # a 2-step run logs every step
@@ -304,6 +333,20 @@ def test_multi_worker_run_on_two_processes(tmp_path, teacher_file):
                      _read(logs[0]))
     assert re.search(r"Input pipeline 2 of 2 reads digits-train\S*\[1::2\]: 628 examples",
                      _read(logs[1]))
+
+    # --overwrite with another lr, the chief slow to move the finished run aside:
+    # no worker resumes the old checkpoints; both train the new config from step 0.
+    logs = _run_two_workers(tmp_path, workdir, "overwrite", [
+        f"--config.teacher={teacher_file}", "--config.epochs=1", "--config.lr=0.003",
+        "--config.checkpoint_every_steps=1", "--overwrite"], script=_SLOW_CHIEF_OVERWRITE)
+    for log in logs:
+        assert "Resuming" not in _read(log), _tail(log)
+    assert "--overwrite: moved the previous run" in _read(logs[0])
+    chief, worker = _chief_and_worker_students(workdir)
+    for a, b in zip(chief, worker):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, old) for a, old in zip(chief, first_chief))
+    assert workdirs.read_config(workdir).lr == 0.003
 
 
 @pytest.mark.slow

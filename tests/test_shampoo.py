@@ -39,8 +39,11 @@ def even_split(size, block):
 
 
 def reference_shampoo(weights, gradients, lr, beta1, beta2, eps, ridge, block, start, every,
-                      nesterov=True):
-    """Blocked Shampoo, layer-wise grafted to Adam; yields the weights after each step."""
+                      nesterov=True, statistics_every=1):
+    """Blocked Shampoo, layer-wise grafted to Adam; yields the weights after each step.
+
+    The statistics are updated at steps 1, 1 + statistics_every, ...
+    """
     shape = weights.shape
     rows, cols = math.prod(shape[:-1]), shape[-1]
     row_blocks, col_blocks = even_split(rows, block), even_split(cols, block)
@@ -58,8 +61,9 @@ def reference_shampoo(weights, gradients, lr, beta1, beta2, eps, ridge, block, s
         shampoo = np.zeros_like(g)
         for (r, c), (left, right) in stats.items():
             b = g[r[0]:r[1], c[0]:c[1]]
-            left[:] = beta2 * left + (1 - beta2) * b @ b.T
-            right[:] = beta2 * right + (1 - beta2) * b.T @ b
+            if (t - 1) % statistics_every == 0:
+                left[:] = beta2 * left + (1 - beta2) * b @ b.T
+                right[:] = beta2 * right + (1 - beta2) * b.T @ b
             if t >= start and (t - start) % every == 0:
                 roots[r, c] = [inverse_fourth_root(left, ridge), inverse_fourth_root(right, ridge)]
             shampoo[r[0]:r[1], c[0]:c[1]] = roots[r, c][0] @ b @ roots[r, c][1]
@@ -87,19 +91,31 @@ CASES = {
 ], ids=["dense_300x200-eager_eigh", "conv_3x3x8x16-eager_eigh", "conv_3x3x8x16_b10-eager_eigh",
         "conv_3x3x8x16-xla_newton"])
 def test_update_matches_numpy_reference(case, compiled, rng):
-    shape, block = CASES[case]["shape"], CASES[case]["block"]
-    hyper = dict(lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, ridge=1e-6, block=block,
-                 start=5, every=2)
-    weights = rng.normal(size=shape).astype("float32")
     # Steps 1-4 are the Adam graft; 5 computes the roots; 6 reuses them; 7 recomputes.
     # Four gradients before the first root make every block's statistics full
     # rank and well enough conditioned for float32 to agree with float64 to 1e-5.
-    gradients = [rng.normal(size=shape).astype("float32") for _ in range(7)]
+    _check_against_reference(case, compiled, rng, steps=7, start=5, every=2)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_eigh", "xla_newton"])
+def test_statistics_every_n_steps_match_numpy_reference(compiled, rng):
+    # Statistics at steps 1, 4, 7, 10; roots at 7 (from three gradients) and 9;
+    # steps 8-10 precondition with roots of statistics older than the gradient.
+    _check_against_reference("conv_3x3x8x16_b10", compiled, rng, steps=10, start=7, every=2,
+                             statistics_every=3)
+
+
+def _check_against_reference(case, compiled, rng, steps, start, every, statistics_every=1):
+    shape, block = CASES[case]["shape"], CASES[case]["block"]
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, ridge=1e-6, block=block,
+                 start=start, every=every, statistics_every=statistics_every)
+    weights = rng.normal(size=shape).astype("float32")
+    gradients = [rng.normal(size=shape).astype("float32") for _ in range(steps)]
     variable = keras.Variable(weights)
     optimizer = Shampoo(learning_rate=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
                         epsilon=hyper["eps"], matrix_epsilon=hyper["ridge"], block_size=block,
                         start_preconditioning_step=hyper["start"],
-                        precondition_every=hyper["every"])
+                        precondition_every=hyper["every"], statistics_every=statistics_every)
     optimizer.build([variable])
 
     def step(gradient):
@@ -318,6 +334,7 @@ def test_trains_under_jax_backend(tmp_path):
     (dict(beta2=0.0), r"beta2=0.0"),
     (dict(beta2=1.5), r"beta2=1.5"),
     (dict(precondition_every=0), "precondition_every=0"),
+    (dict(statistics_every=0), "statistics_every=0"),
     (dict(start_preconditioning_step=0), "start_preconditioning_step=0"),
     (dict(beta1=1.0), r"beta1=1.0"),
     (dict(root_method="svd"), "root_method='svd'"),
@@ -333,6 +350,7 @@ def test_bad_arguments(kwargs, match):
 def test_config_round_trip():
     optimizer = optim.shampoo(lr=3e-3, weight_decay=1e-4, total_steps=100, warmup_steps=10,
                               block_size=64, precondition_every=5, beta2=0.99,
+                              statistics_every=4,
                               start_preconditioning_step=7, nesterov=False, root_method="eigh")
     config = optimizer.get_config()
     again = Shampoo.from_config(copy.deepcopy(config))
@@ -340,7 +358,8 @@ def test_config_round_trip():
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert isinstance(restored, Shampoo) and restored.get_config() == config
     assert (restored.block_size, restored.precondition_every, restored.beta2,
-            restored.start_preconditioning_step, restored.nesterov) == (64, 5, 0.99, 7, False)
+            restored.start_preconditioning_step, restored.nesterov,
+            restored.statistics_every) == (64, 5, 0.99, 7, False, 4)
 
 
 def test_config_optimizer_reaches_build():
@@ -361,6 +380,7 @@ def test_config_optimizer_reaches_build():
     ({"shampoo_block_size": "0"}, "shampoo_block_size=0"),
     ({"shampoo_beta2": "1.5"}, "shampoo_beta2=1.5"),
     ({"shampoo_precondition_every": "0"}, "shampoo_precondition_every=0"),
+    ({"shampoo_statistics_every": "0"}, "shampoo_statistics_every=0"),
 ])
 def test_config_validation(overrides, match):
     config = configs.apply_overrides(configs.load_config("digits"), overrides)

@@ -217,7 +217,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     check(config.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}", "optimizer")
     for name in ("shampoo_block_size", "shampoo_precondition_every",
-                 "shampoo_start_preconditioning_step"):
+                 "shampoo_statistics_every", "shampoo_start_preconditioning_step"):
         check(_positive_int(config[name]), "must be a positive int", name)
     check(0 < config.shampoo_beta2 <= 1, "must be in (0, 1]", "shampoo_beta2")
     check(0 < config.crop_area_min <= 1, "must be in (0, 1]", "crop_area_min")

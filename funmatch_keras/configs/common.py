@@ -120,6 +120,9 @@ FIELDS: dict[str, Field] = {
     "shampoo_precondition_every": Field(
         10, (int,), "Shampoo: steps between recomputations of the inverse 4th roots."
     ),
+    "shampoo_statistics_every": Field(
+        1, (int,), "Shampoo: steps between updates of the Kronecker statistics (the paper: 1)."
+    ),
     "shampoo_start_preconditioning_step": Field(
         10, (int,), "Shampoo: first step with Shampoo's direction (the Adam graft before)."
     ),
