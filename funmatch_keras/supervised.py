@@ -222,7 +222,9 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
     with workdir_lock.hold(workdir, enabled=replicas.is_chief):
         if replicas.is_chief:
             workdirs.prepare(workdir, config, overwrite)
-        replicas.barrier()  # no worker restores before the chief's --overwrite is done
+        # No worker restores before the chief's --overwrite is done. (Today the first
+        # variable creation under MultiWorkerMirroredStrategy also waits for the chief.)
+        replicas.barrier()
         return _train_teacher(config, workdir, verbose, replicas)
 
 

@@ -67,7 +67,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     # One run per workdir: a second process refuses, naming the holder.
     with workdir_lock.hold(shared_workdir, enabled=replicas.is_chief):
         workdirs.prepare(workdir, config, overwrite)
-        replicas.barrier()  # no worker restores before the chief's --overwrite is done
+        # No worker restores before the chief's --overwrite is done. (Today the first
+        # variable creation under MultiWorkerMirroredStrategy also waits for the chief.)
+        replicas.barrier()
         with replicas.scope():
             return _run(config, workdir, checkpoint_dir, replicas, verbose)
 
