@@ -56,7 +56,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from funmatch_keras import build, configs, data, distribute, models, optim, supervised  # noqa: E402
+from funmatch_keras import (build, configs, data, distribute, hardware, models, optim,  # noqa: E402
+                            supervised)
 from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.sources import digits_source  # noqa: E402
 
@@ -95,6 +96,7 @@ def make_optimizer(name: str, lr: float, weight_decay: float, total_steps: int,
         return optim.adamw(lr, weight_decay, total_steps, warmup)
     return optim.shampoo(lr, weight_decay, total_steps, warmup, block_size=args.block_size,
                          precondition_every=args.precondition_every,
+                         statistics_every=args.statistics_every,
                          start_preconditioning_step=args.start_preconditioning_step)
 
 
@@ -249,7 +251,11 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--precondition-every", type=int, default=10)
+    parser.add_argument("--statistics-every", type=int, default=1,
+                        help="steps between Kronecker statistics updates (1: the paper's)")
     parser.add_argument("--start-preconditioning-step", type=int, default=10)
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the larger student's step times (no teacher, no digits runs)")
     parser.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto",
                         help="XLA for the digits runs; auto: build.jit_compile (on, one CPU)")
     parser.add_argument("--step-rounds", type=int, default=60)
@@ -271,6 +277,14 @@ def main() -> None:
     adamw_epochs = sorted(int(e) for e in args.adamw_epochs.split(","))
     shampoo_epochs = sorted(int(e) for e in args.shampoo_epochs.split(","))
     started = time.time()
+    if args.overhead_only:
+        big = model_overhead(args)
+        print(f"  {big['model']} {big['size']} px, batch {big['batch']}, statistics every "
+              f"{args.statistics_every}: {big}")
+        print(f"CPU: {hardware.describe()}")
+        print(json.dumps({"step_overhead": big["amortized_ratio"], "overhead_model": big,
+                          "statistics_every": args.statistics_every}))
+        return
 
     config = configs.apply_overrides(configs.load_config("digits"),
                                      {"teacher_epochs": str(args.teacher_epochs)})
@@ -333,6 +347,7 @@ def main() -> None:
         "teacher_top1": round(teacher_top1, 4), "jit_compile": args.jit_compile,
         "settings": {"block_size": args.block_size, "precondition_every": args.precondition_every,
                      "start_preconditioning_step": args.start_preconditioning_step,
+                     "statistics_every": args.statistics_every,
                      "seeds": args.seeds, "adamw_epochs": adamw_epochs,
                      "shampoo_epochs": shampoo_epochs},
         "runs": rows, "cpus": os.cpu_count(), "machine": platform.machine(),

@@ -76,6 +76,22 @@ def test_shampoo_benchmark_quick(tmp_path):
         assert steps["adamw"]["root_step_median_ms"] is None
 
 
+def test_shampoo_benchmark_overhead_only(tmp_path):
+    # The optimizer-overhead mode on a tiny CNN: steps 2..7 timed, roots at 2, 4, 6.
+    report = _last_json_line(
+        [os.path.join(ROOT, "benchmarks", "shampoo.py"), "--overhead-only",
+         "--overhead-model", "cnn:8,16", "--overhead-size", "16", "--overhead-batch", "4",
+         "--overhead-rounds", "6", "--statistics-every", "3", "--precondition-every", "2",
+         "--start-preconditioning-step", "2"], tmp_path)
+    assert report["statistics_every"] == 3
+    steps = report["overhead_model"]
+    assert report["step_overhead"] == steps["amortized_ratio"] > 0
+    assert steps["shampoo"]["steps"] == steps["adamw"]["steps"] == 6
+    assert steps["shampoo"]["root_step_median_ms"] > 0
+    assert steps["adamw"]["root_step_median_ms"] is None
+    assert (steps["model"], steps["size"], steps["batch"]) == ("cnn:8,16", 16, 4)
+
+
 @pytest.mark.slow
 def test_loop_benchmark_quick(tmp_path):
     report = _last_json_line(
