@@ -241,6 +241,33 @@ def saturates(rows, epochs: int) -> tuple[bool, int]:
     return first <= epochs // 2, first
 
 
+def plot_agreement(rows, path: str, title: str = "") -> str:
+    """Mean test agreement (over seeds) against epoch, one line per run length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for name, style in (("adamw", "-"), ("shampoo", "--")):
+        for epochs in sorted({r["epochs"] for r in rows if r["optimizer"] == name}):
+            curves = [r["agreement_curve"] for r in rows
+                      if r["optimizer"] == name and r["epochs"] == epochs]
+            mean = 100 * np.mean(curves, axis=0)
+            axes.plot(np.arange(1, len(mean) + 1), mean, style, marker=".",
+                      label=f"{'AdamW' if name == 'adamw' else 'Shampoo'}, {epochs} epochs "
+                            f"({len(curves)} seed{'s' * (len(curves) > 1)})")
+    axes.set(xlabel="epoch", ylabel="test agreement with the teacher (%)", title=title)
+    low = min(100 * min(r["agreement_curve"][len(r["agreement_curve"]) // 4:]) for r in rows)
+    axes.set_ylim(max(0.0, low - 2), 100)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 1-2 epochs, < 3 min")
@@ -265,6 +292,8 @@ def main() -> None:
     parser.add_argument("--overhead-rounds", type=int, default=10,
                         help="timed steps of the larger student; 0 skips it")
     parser.add_argument("--workdir", default=None, help="keeps the trained teacher")
+    parser.add_argument("--plot", default=None,
+                        help="writes agreement against epoch here (PNG; default: none)")
     args = parser.parse_args()
     tf.get_logger().setLevel("ERROR")  # Keras retraces predict for every new student
     if args.quick:
@@ -333,6 +362,8 @@ def main() -> None:
     for t in comparisons[0]["shampoo"]:
         print(f"| {t['epochs']} | {t['agreement']:.4f} | {t['top1']:.4f} | {t['train_s']:.1f} |")
 
+    if args.plot:
+        print(f"[plot] {plot_agreement(rows, args.plot, 'Function matching on digits')}")
     print("[step times, round-robin]", flush=True)
     digits = digits_overhead(teacher, initials[0], config, args)
     print(f"  digits distiller: {digits}", flush=True)

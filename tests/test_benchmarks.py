@@ -92,6 +92,25 @@ def test_shampoo_benchmark_overhead_only(tmp_path):
     assert (steps["model"], steps["size"], steps["batch"]) == ("cnn:8,16", 16, 4)
 
 
+def test_shampoo_benchmark_plot(tmp_path):
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location(
+        "shampoo_benchmark", os.path.join(ROOT, "benchmarks", "shampoo.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"optimizer": "adamw", "epochs": 4, "agreement_curve": [0.2, 0.5, 0.8, 0.9]},
+            {"optimizer": "adamw", "epochs": 4, "agreement_curve": [0.3, 0.6, 0.7, 0.95]},
+            {"optimizer": "shampoo", "epochs": 2, "agreement_curve": [0.6, 0.92]}]
+    path = bench.plot_agreement(rows, str(tmp_path / "curves.png"), "test")
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (400, 640) and np.ptp(image) > 0  # drawn, not blank
+
+
 @pytest.mark.slow
 def test_loop_benchmark_quick(tmp_path):
     report = _last_json_line(
