@@ -230,3 +230,19 @@ def test_signal_saves_exits_4_and_the_rerun_resumes_exactly(tmp_path, sig,
     assert f"Resuming distillation from step {step} of 40" in out
     for a, b in zip(_student_weights(stopped), uninterrupted_weights, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    # The first SIGINT asks for a save and a stop; the handler then gives the
+    # signals back, so a second Ctrl-C is Python's KeyboardInterrupt, at once.
+    callback = checkpoint_callback.CheckpointCallback(
+        CheckpointManager(str(tmp_path)), every_steps=100, student=None)
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint_callback.stop_on_signals(callback):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler runs between bytecodes
+            assert callback.stop_requested == "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGINT) is previous

@@ -100,3 +100,17 @@ def test_a_line_cut_by_a_kill_is_skipped(tmp_path):
     path.write_text(json.dumps({"step": 1}) + "\n" + '{"step": 2, "lo')
     assert steplog.read_metrics(str(path)) == [{"step": 1}]
     assert os.path.exists(path)
+
+
+def test_evaluate_of_a_dataset_of_unknown_length_does_not_warn():
+    import warnings
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    ds = tf.data.Dataset.from_tensors((np.ones((4, 2)), np.ones((4, 1)))).repeat(3)
+    ds = ds.filter(lambda x, y: True)  # unknown cardinality, like eval_pipeline's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = steplog.evaluate(model, ds)
+    assert "loss" in result
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
