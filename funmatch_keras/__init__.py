@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = ["Distiller", "DistillationKL", "augment", "compat", "configs", "data", "distribute",
            "export",
            "file_sources", "losses", "models", "optim", "recipe", "sources", "stream",
-           "teacher_cache", "train", "verify", "views"]
+           "teacher_cache", "train", "tune", "verify", "views"]
 
 # Public submodules, plus the ones the eager imports used to load as a side effect
 # (`fm.distiller`, `fm.checkpoint`, `fm.loop` kept working; they still do).
@@ -31,7 +31,7 @@ _SUBMODULES = frozenset([
     "augment", "checkpoint", "checkpoint_callback", "checkpoint_format", "compat", "configs",
     "data", "distiller", "distribute", "export", "file_sources", "loop", "losses", "models",
     "optim", "recipe", "ship", "sources", "steplog", "stream", "teacher_cache", "train",
-    "verify", "views",
+    "tune", "verify", "views",
 ])
 # Re-exported name -> the submodule that defines it.
 _ATTRIBUTES = {"Distiller": "distiller", "DistillationKL": "losses"}
@@ -56,6 +56,6 @@ def __dir__() -> list[str]:
 if _typing.TYPE_CHECKING:  # Static analyzers and IDEs see the eager imports.
     from funmatch_keras import (augment, compat, configs, data, distribute, export, file_sources,
                                 losses, models, optim, recipe, sources, stream,
-                                teacher_cache, train, verify, views)
+                                teacher_cache, train, tune, verify, views)
     from funmatch_keras.distiller import Distiller
     from funmatch_keras.losses import DistillationKL

@@ -59,6 +59,10 @@ class Distiller(keras.Model):
         teacher: `keras.Model`, list of them, or `None`. Outputs logits.
         student: `keras.Model` outputting logits over the same classes.
         temperature: float > 0. Defaults to `1.0`.
+        teacher_jit_compile: bool. Run the teachers' forward pass as its own
+            XLA computation (TensorFlow; a step that is XLA-compiled as a whole
+            includes it anyway). `tune.teacher_path` measures whether it pays.
+            Defaults to `False`.
 
     Example:
     >>> import numpy as np
@@ -76,11 +80,14 @@ class Distiller(keras.Model):
         teacher: keras.Model | Sequence[keras.Model] | None,
         student: keras.Model,
         temperature: float = 1.0,
+        teacher_jit_compile: bool = False,
         name: str = "distiller",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
         self.temperature = check_temperature(temperature)
+        self.teacher_jit_compile = bool(teacher_jit_compile)
+        self._compiled_teachers = None  # the XLA teacher forward, made on first use
         if teacher is None:
             teachers = []
         elif isinstance(teacher, (list, tuple)):
@@ -162,12 +169,23 @@ class Distiller(keras.Model):
                 f"The batch holds {len(views)} teacher views for {len(self.teachers)} teachers; "
                 "pass one tensor (shared) or one per teacher."
             )
+        return ops.stop_gradient(self._teacher_forward(list(views)))
+
+    def _teacher_forward(self, views: list):
+        if not (self.teacher_jit_compile and keras.backend.backend() == "tensorflow"):
+            return self._mean_teacher_logits(views)
+        if self._compiled_teachers is None:
+            import tensorflow as tf
+
+            self._compiled_teachers = tf.function(self._mean_teacher_logits, jit_compile=True)
+        return self._compiled_teachers(views)
+
+    def _mean_teacher_logits(self, views: list):
         logits = [
             ops.cast(model(view, training=False), "float32")
             for model, view in zip(self.teachers, views)
         ]
-        mean = logits[0] if len(logits) == 1 else ops.mean(ops.stack(logits), axis=0)
-        return ops.stop_gradient(mean)
+        return logits[0] if len(logits) == 1 else ops.mean(ops.stack(logits), axis=0)
 
     # -- keras.Model hooks -------------------------------------------------
 

@@ -5,13 +5,15 @@ fp32 rate with AVX512_BF16 or AMX, and slower than fp32 with AVX2 alone), so
 benchmarks print these and a compute path can be chosen by them.
 
 Example:
->>> isinstance(cpu_flags(), list), isinstance(native_bfloat16_cpu(), bool)
+>>> isinstance(cpu_flags(), list), isinstance(native_bfloat16(), bool)
 (True, True)
 """
 
 from __future__ import annotations
 
 import platform
+
+import keras
 
 # The flags that decide matmul and bfloat16 speed.
 _RELEVANT = ("avx2", "fma", "f16c", "avx512", "amx", "avx_vnni")
@@ -43,6 +45,34 @@ def cpu_model() -> str:
 def native_bfloat16_cpu() -> bool:
     """Whether the CPU computes bfloat16 natively (AVX512_BF16 or AMX-BF16)."""
     return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+
+
+def native_bfloat16() -> bool:
+    """Whether the device Keras computes on has native bfloat16.
+
+    A TPU, an NVIDIA GPU of compute capability 8.0 or more (tensor cores with
+    bf16), or else the CPU (`native_bfloat16_cpu`).
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "tpu":
+            return True
+        if device.platform == "gpu":
+            return float(getattr(device, "compute_capability", 0) or 0) >= 8.0
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_logical_devices("TPU"):
+            return True
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            capability = tf.config.experimental.get_device_details(gpus[0]).get(
+                "compute_capability", (0, 0))
+            return tuple(capability) >= (8, 0)
+    return native_bfloat16_cpu()
 
 
 def describe() -> str:

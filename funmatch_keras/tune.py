@@ -1,0 +1,352 @@
+"""Chooses the teacher's compute path (XLA, bfloat16) by timing it, guarded by agreement.
+
+The frozen teacher is most of a distillation step (BiT-R152x2 for a BiT-R50x1
+student: 74% of the FLOPs at 64 px, about 92% with a 384 px ensemble member),
+and whether XLA or a bfloat16 teacher pays depends on the machine and the
+image size: the same step ran 1.2x faster under XLA at 128 px and 2x slower at
+64 px on another CPU. So `teacher_path` times a few steps of each candidate
+`TeacherPath`, after compilation, and keeps the fastest one whose teacher
+predicts what the float32 teacher predicts (top-1 agreement and KL on a few
+hundred images). Logits reach the loss in float32 on every path.
+
+Example:
+>>> import numpy as np
+>>> from funmatch_keras import Distiller
+>>> teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+>>> student = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+>>> distiller = Distiller(teacher, student)
+>>> distiller.compile(optimizer="adam")
+>>> result = teacher_path(distiller, np.random.rand(4, 8).astype("float32"), log=None)
+>>> result.choice in result.candidates, len(result.table) == len(result.candidates)
+(True, True)
+>>> distiller = apply(distiller, result.choice)  # then distiller.fit(...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Any, Callable, Iterable
+
+import keras
+import numpy as np
+from keras import ops
+
+from funmatch_keras import hardware
+from funmatch_keras.distiller import Distiller
+from funmatch_keras.losses import kl_divergence_from_logits
+
+BFLOAT16 = "mixed_bfloat16"  # variables stay float32; the teacher computes in bf16
+AGREEMENT_MIN = 0.995
+KL_MAX = 0.01  # nats, mean over the agreement images; a flip of 0.5% costs far less
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherPath:
+    """How a distillation step runs its teacher.
+
+    Attributes:
+        jit_compile: the whole train step under XLA (`Model.compile(jit_compile=)`).
+        teacher_dtype: the teachers' dtype policy (`"float32"`, `"mixed_bfloat16"`).
+        teacher_jit_compile: the teachers' forward pass as its own XLA
+            computation inside a step that is not XLA-compiled.
+    """
+
+    jit_compile: bool = False
+    teacher_dtype: str = "float32"
+    teacher_jit_compile: bool = False
+
+    @property
+    def name(self) -> str:
+        step = "step_xla" if self.jit_compile else (
+            "teacher_xla" if self.teacher_jit_compile else "no_xla")
+        return f"{step}_{'bf16' if 'bfloat16' in self.teacher_dtype else 'fp32'}_teacher"
+
+    @property
+    def teacher_numerics(self) -> tuple[str, bool]:
+        """What decides the teacher's logits: its dtype, and whether XLA computes it."""
+        return self.teacher_dtype, self.jit_compile or self.teacher_jit_compile
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TeacherPath":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+@dataclasses.dataclass
+class TuneResult:
+    """`teacher_path`'s answer: the `choice`, and one `table` row per candidate."""
+
+    choice: TeacherPath
+    candidates: list[TeacherPath]
+    table: list[dict[str, Any]]
+    seconds: float
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"choice": self.choice.to_dict(), "name": self.choice.name,
+                "table": self.table, "seconds": round(self.seconds, 1), "note": self.note}
+
+
+def default_path(teacher_dtype: str = "float32") -> TeacherPath:
+    """The untuned path: no XLA on a CPU, as Keras's `jit_compile="auto"` (and
+    `keras.distillation`) decide, else the whole step under XLA.
+
+    It is the path `keras.distillation.Distiller` runs, with a teacher in
+    `teacher_dtype`, so it is never slower than that (README Benchmarks).
+    """
+    return TeacherPath(jit_compile=_keras_auto_jit(), teacher_dtype=teacher_dtype)
+
+
+def candidates(teacher_dtype: str = "float32",
+               native_bfloat16: bool | None = None) -> list[TeacherPath]:
+    """The paths worth timing here, `default_path` first.
+
+    XLA for the whole step or for the teacher alone (TensorFlow; JAX always
+    compiles the step), each with the teacher in `teacher_dtype` and, where
+    the device has native bfloat16 and the teacher is float32, in bfloat16.
+
+    >>> [p.name for p in candidates(native_bfloat16=False)]  # doctest: +SKIP
+    ['no_xla_fp32_teacher', 'teacher_xla_fp32_teacher', 'step_xla_fp32_teacher']
+    """
+    if native_bfloat16 is None:
+        native_bfloat16 = hardware.native_bfloat16()
+    dtypes = [teacher_dtype] + ([BFLOAT16] if native_bfloat16 and teacher_dtype == "float32"
+                                else [])
+    if keras.backend.backend() == "jax":
+        compiles = [(True, False)]
+    else:
+        compiles = [(False, False), (False, True), (True, False)]
+    paths = [TeacherPath(step, dtype, alone) for dtype in dtypes for step, alone in compiles]
+    first = default_path(teacher_dtype)
+    return [first] + [p for p in paths if p != first]
+
+
+def with_dtype(model: keras.Model, dtype: str) -> keras.Model:
+    """A copy of a functional or Sequential `model` whose layers compute in `dtype`.
+
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> with_dtype(model, "mixed_bfloat16").layers[-1].compute_dtype
+    'bfloat16'
+    """
+    if dtype_of(model) == dtype:
+        return model
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        config["dtype"] = dtype
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone_layer)
+    copy.set_weights(model.get_weights())
+    copy.trainable = model.trainable
+    return copy
+
+
+def dtype_of(model: keras.Model) -> str:
+    """The dtype policy a model computes in: that of its first layer with weights."""
+    layer = next((layer for layer in model.layers if layer.weights), model)
+    return layer.dtype_policy.name
+
+
+def apply(distiller: Distiller, path: TeacherPath) -> Distiller:
+    """A `Distiller` with the same student and teachers that runs on `path`.
+
+    The teachers are copied into `path.teacher_dtype` when it differs; the
+    result is compiled with `distiller`'s optimizer, `steps_per_execution`
+    and `path.jit_compile` (other `compile` arguments are not carried over:
+    the Distiller's loss and metrics are its own). Call it before `fit`.
+    """
+    teachers = [with_dtype(t, path.teacher_dtype) for t in distiller.teachers]
+    tuned = Distiller(teachers if len(teachers) > 1 else (teachers[0] if teachers else None),
+                      distiller.student, temperature=distiller.temperature,
+                      teacher_jit_compile=path.teacher_jit_compile)
+    optimizer = getattr(distiller, "optimizer", None)
+    tuned.compile(optimizer=optimizer if optimizer is not None else "adam",
+                  jit_compile=path.jit_compile,
+                  steps_per_execution=getattr(distiller, "steps_per_execution", 1) or 1)
+    return tuned
+
+
+def teacher_path(
+    distiller: Distiller,
+    batch,
+    agreement_data: Iterable | None = None,
+    *,
+    paths: list[TeacherPath] | None = None,
+    steps: int = 3,
+    agreement_min: float = AGREEMENT_MIN,
+    kl_max: float = KL_MAX,
+    budget_steps: float | None = None,
+    log: Callable[[str], None] | None = print,
+) -> TuneResult:
+    """Times each candidate path's train step and picks the fastest that agrees.
+
+    Each candidate is compiled and run once, then timed for `steps` rounds of
+    one step each (bursts of steps shorter than 0.1 s), round-robin over the
+    candidates; the median counts. They run on `batch`, with a copy of the
+    distiller's optimizer; the
+    student's weights are restored afterwards, so `distiller` trains as if
+    nothing happened. From the fastest down, a candidate whose teacher
+    computes differently from the distiller's own teachers without XLA
+    (another dtype, or under XLA) must agree with them on `agreement_min` of
+    the top-1 predictions over `agreement_data`, with a mean KL of at most
+    `kl_max` nats; the first that does is the choice (if none does, the first
+    candidate).
+
+    Args:
+        distiller: a compiled `Distiller` with teacher models.
+        batch: one training batch as `fit` gets it (`x` or `(x, y)`).
+        agreement_data: batches `x` or `(x, y, ...)` of images the teacher
+            judges, e.g. the first 512 validation images. None: `batch`.
+        paths: the candidates, the untuned one first (`candidates()` unless given).
+        steps: timed rounds per candidate.
+        agreement_min, kl_max: the agreement guard.
+        budget_steps: stop timing further candidates once the time spent
+            exceeds this many steps of the first candidate. None: no limit.
+        log: where the table is printed; None for silence.
+
+    Returns:
+        `TuneResult`. Apply its choice with `apply(distiller, result.choice)`.
+    """
+    if not distiller.teachers:
+        raise ValueError("teacher_path needs a Distiller with teacher models; with "
+                         "precomputed teacher logits the teacher costs nothing per step.")
+    start = time.perf_counter()
+    teacher_dtype = dtype_of(distiller.teachers[0])
+    paths = list(paths or candidates(teacher_dtype))
+    reference = TeacherPath(False, teacher_dtype)  # the teachers as given, no XLA
+    x, y = _split(batch)
+    weights = distiller.student.get_weights()
+    rows = {path: {"path": path.name, "ms": None} for path in paths}
+    built: dict[TeacherPath, Distiller] = {}
+    seconds: dict[TeacherPath, list[float]] = {}
+    try:
+        for path in paths:  # compile each, and one step
+            if built and budget_steps is not None and (
+                    time.perf_counter() - start > budget_steps * step_s):
+                rows[path]["note"] = "not timed: budget spent"
+                continue
+            built[path] = _timing_copy(distiller, path)
+            rows[path]["first_s"] = round(_run_step(built[path], x, y), 2)
+            seconds[path] = [_run_step(built[path], x, y)]
+            step_s = seconds[paths[0]][0]
+        # Round-robin, in alternating order, so that a change of load hits all alike;
+        # steps shorter than 0.1 s are timed in bursts.
+        burst = max(1, math.ceil(0.1 / max(step_s, 1e-6)))
+        for round_ in range(max(1, steps)):
+            for path in list(built) if round_ % 2 else list(built)[::-1]:
+                seconds[path].append(sum(_run_step(built[path], x, y) for _ in range(burst))
+                                     / burst)
+    finally:
+        distiller.student.set_weights(weights)
+    for path, times in seconds.items():
+        rows[path]["ms"] = round(1e3 * statistics.median(times[1:]), 2)
+
+    images = list(_images(agreement_data if agreement_data is not None else [batch]))
+    reference_logits = None
+    choice = paths[0]
+    for path in sorted((p for p in paths if rows[p]["ms"] is not None),
+                       key=lambda p: rows[p]["ms"]):
+        if path.teacher_numerics == reference.teacher_numerics:
+            rows[path].update(agreement=1.0, kl=0.0)
+            choice = path
+            break
+        if reference_logits is None:
+            reference_logits = _teacher_logits(_timing_copy(distiller, reference), images,
+                                               reference)
+        logits = _teacher_logits(built[path], images, path)
+        agreement = float(np.mean(logits.argmax(-1) == reference_logits.argmax(-1)))
+        kl = float(np.mean(ops.convert_to_numpy(
+            kl_divergence_from_logits(reference_logits, logits))))
+        rows[path].update(agreement=round(agreement, 5), kl=kl)
+        if agreement >= agreement_min and kl <= kl_max:
+            choice = path
+            break
+        rows[path]["note"] = (f"refused: agreement {agreement:.2%} < {agreement_min:.2%}"
+                              if agreement < agreement_min else f"refused: KL {kl:.3g} > {kl_max}")
+    first_ms = rows[paths[0]]["ms"]
+    for row in rows.values():
+        if row["ms"]:
+            row["speedup"] = round(first_ms / row["ms"], 3)
+    note = "" if reference_logits is None else (
+        f"agreement on {len(reference_logits)} images")
+    result = TuneResult(choice, paths, [rows[p] for p in paths],
+                        time.perf_counter() - start, note)
+    if log:
+        log(format_table(result))
+    return result
+
+
+def format_table(result: TuneResult) -> str:
+    """The candidates as an aligned text table, the choice marked."""
+    lines = [f"Teacher path: {result.choice.name} (tuned in {result.seconds:.0f} s"
+             f"{'; ' + result.note if result.note else ''})",
+             f"  {'path':<26}{'ms/step':>9}{'speedup':>9}{'agree':>9}{'KL':>10}  note"]
+    for row in result.table:
+        mark = "*" if row["path"] == result.choice.name else " "
+        ms = "" if row.get("ms") is None else f"{row['ms']:.1f}"
+        speed = "" if row.get("speedup") is None else f"{row['speedup']:.2f}x"
+        agree = "" if row.get("agreement") is None else f"{row['agreement']:.2%}"
+        kl = "" if row.get("kl") is None else f"{row['kl']:.2g}"
+        lines.append(f"{mark} {row['path']:<26}{ms:>9}{speed:>9}{agree:>9}{kl:>10}  "
+                     f"{row.get('note', '')}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _keras_auto_jit() -> bool:
+    """What `Model.compile(jit_compile="auto")` resolves to (Keras 3.15's
+    `Trainer._resolve_auto_jit_compile`): XLA, except with torch, and under
+    TensorFlow on a CPU-only machine or a tf.distribute strategy."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        accelerators = [d for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
+        return bool(accelerators) and not tf.distribute.has_strategy()
+    return backend != "torch"
+
+
+def _split(batch):
+    if isinstance(batch, tuple) and len(batch) in (2, 3):
+        return batch[0], batch[1]
+    return batch, None
+
+
+def _images(data: Iterable):
+    for batch in data:
+        yield _split(batch)[0]
+
+
+def _timing_copy(distiller: Distiller, path: TeacherPath) -> Distiller:
+    """`apply` with a fresh copy of the optimizer, so timing leaves the real one alone."""
+    optimizer = distiller.optimizer
+    copy = apply(distiller, path)
+    copy.compile(optimizer=type(optimizer).from_config(optimizer.get_config()),
+                 jit_compile=path.jit_compile)
+    return copy
+
+
+def _run_step(distiller: Distiller, x, y) -> float:
+    """Seconds of one train step (the loss comes back to the host, so it has run)."""
+    start = time.perf_counter()
+    distiller.train_on_batch(x, y)
+    return time.perf_counter() - start
+
+
+def _teacher_logits(distiller: Distiller, images: list, path: TeacherPath) -> np.ndarray:
+    """The teachers' float32 logits as `path` computes them (JAX: op by op, each op XLA)."""
+    forward = distiller.teacher_logits
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        forward = tf.function(forward, jit_compile=path.jit_compile)
+    return np.concatenate([ops.convert_to_numpy(forward(x)) for x in images])
