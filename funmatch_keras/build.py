@@ -19,7 +19,8 @@ import keras
 import ml_collections
 from absl import logging
 
-from funmatch_keras import configs, data, models, optim, recipe, sources, workdir as workdirs
+from funmatch_keras import (configs, data, models, optim, recipe, sources, tune,
+                            workdir as workdirs)
 from funmatch_keras.configs import TeacherSpec
 
 
@@ -179,22 +180,14 @@ def optimizer(config: ml_collections.ConfigDict, total_steps: int,
 
 
 def jit_compile(setting: bool | None = None) -> bool:
-    """`setting` if given, else XLA on one device (TensorFlow) and on JAX.
+    """`setting` if given, else Keras's `jit_compile="auto"` (`tune.default_path`).
+
+    Without XLA on a CPU, where XLA was measured 1.2x faster for BiT at 128 px
+    and 2x slower at 64 px (README Benchmarks): a run that distills long
+    enough times both (`compute_path`).
 
     Example:
     >>> jit_compile(False)
     False
     """
-    if setting is not None:
-        return setting
-    # XLA measured faster for these convnets on CPU at the paper's 128 px and
-    # slower for BiT at 64 px (README benchmarks); Keras's "auto" resolves to
-    # False on CPU (DESIGN §5). Not under a tf.distribute strategy (TPUStrategy
-    # compiles anyway): the step then holds cross-replica gradient
-    # aggregation, and XLA there is unmeasured.
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return not tf.distribute.has_strategy()
-    return backend == "jax"
+    return tune.default_path().jit_compile if setting is None else setting

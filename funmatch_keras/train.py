@@ -19,8 +19,9 @@ from typing import Any
 import keras
 import ml_collections
 
-from funmatch_keras import (build, configs, data, distribute, loop, steplog, supervised,
-                            teacher_cache, workdir as workdirs, workdir_lock)
+from funmatch_keras import (build, compute_path, configs, data, distribute, loop, steplog,
+                            supervised, teacher_cache, workdir as workdirs, workdir_lock)
+from funmatch_keras.checkpoint import CheckpointManager
 from funmatch_keras.distiller import Distiller
 
 
@@ -96,7 +97,8 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
                       steps_per_execution=config.steps_per_execution)
 
     teacher_size = configs.teacher_sizes(config)
-    val_ds = data.eval_pipeline(build.source(config, "validation"), size=config.student_size,
+    val_source = build.source(config, "validation")
+    val_ds = data.eval_pipeline(val_source, size=config.student_size,
                                 batch_size=config.eval_batch_size, teacher_size=teacher_size)
     metrics_path = workdirs.metrics_path(workdir)
     logger = steplog.StepLogger(
@@ -126,6 +128,14 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
 
         return replicas.train_dataset(pipeline)
 
+    distiller, teacher_path = compute_path.choose(
+        config, distiller, workdir, total_steps=total_steps,
+        num_replicas=replicas.num_replicas, is_chief=replicas.is_chief,
+        resumed=bool(os.path.isdir(checkpoint_dir)
+                     and CheckpointManager(checkpoint_dir, clean_temp=False).all_steps()),
+        sample_batch=lambda: next(iter(make_dataset(0))),
+        agreement_data=lambda: compute_path.agreement_dataset(config, val_source, teacher_size),
+        verbose=verbose)
     loop.fit_with_checkpoints(
         distiller, make_dataset, checkpoint_dir=checkpoint_dir,
         every_steps=cadence.checkpoint_every_steps, keep=config.keep_checkpoints,
@@ -151,6 +161,7 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
         # Across resumes: earlier processes' logged time, plus all of this one's.
         "wall_time_s": round(logger.earlier_wall_time_s + time.time() - start, 1),
         "images_per_s": steplog.throughput(history, config.batch_size),
+        "teacher_path": teacher_path,
         "student": student_path,
     }
     if not replicas.is_chief:

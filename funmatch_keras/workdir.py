@@ -7,6 +7,7 @@ Layout (`funmatch distill`; `train-teacher` and `demo` write parts of it):
                             given (teacher-<i>.keras for the i-th of an ensemble)
     teacher_checkpoints/    its training checkpoints (teacher-<i>_checkpoints/)
     teacher_logits_*.npy    cached fixed-teacher logits (`teacher_cache`)
+    teacher_path.json       the teacher compute path chosen at the start (`compute_path`)
     student.keras           the final student
     metrics.jsonl           one JSON line per logged interval
     tensorboard/            scalars
@@ -34,6 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.json"
 STUDENT_FILE = "student.keras"
 CHECKPOINTS = "checkpoints"
+TEACHER_PATH_FILE = "teacher_path.json"  # the tuned teacher compute path (compute_path)
 
 
 def trained_teacher_path(workdir: str, index: int, count: int) -> str:
@@ -61,9 +63,9 @@ def teacher_checkpoint_dir(workdir: str, index: int = 0) -> str:
 # What a run writes in its workdir (the layout above), as `glob` patterns:
 # `--overwrite` moves these aside. Not `.lock` (`workdir_lock`), not the
 # non-chief workers' `workertemp_*/` (written by live workers), nor any other file.
-RUN_ENTRIES = (CHECKPOINTS, "teacher*.keras", "teacher*_checkpoints", "teacher_logits_*.npy",
-               STUDENT_FILE, METRICS_FILE, "tensorboard", REPORT_FILE, "report.png",
-               CONFIG_FILE)  # config.json last: a crash mid-way still refuses another config
+RUN_ENTRIES = (CHECKPOINTS, TEACHER_PATH_FILE, "teacher*.keras", "teacher*_checkpoints",
+               "teacher_logits_*.npy", STUDENT_FILE, METRICS_FILE, "tensorboard", REPORT_FILE,
+               "report.png", CONFIG_FILE)  # config.json last: a crash mid-way still refuses another config
 REPLACED_PREFIX = ".replaced-"
 
 

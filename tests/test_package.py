@@ -65,7 +65,7 @@ def test_unknown_attribute_raises():
 # -- the architecture (README, "What is in the box") ---------------------------
 _PACKAGE = _ROOT / "funmatch_keras"
 # The app layer: config + workdir. Everything else is library and never imports it.
-_APP = {"configs", "build", "workdir", "workdir_lock", "supervised", "train", "evaluate",
+_APP = {"configs", "build", "compute_path", "workdir", "workdir_lock", "supervised", "train", "evaluate",
         "ship", "demo", "cli"}
 
 

@@ -47,7 +47,7 @@ def test_distill_writes_student_logs_and_an_honest_report(tmp_path):
     assert logs["student_top1"] == pytest.approx(top1, abs=1e-6)
 
 
-@pytest.mark.parametrize("setting,expected", [("None", True), ("False", False), ("True", True)])
+@pytest.mark.parametrize("setting,expected", [("None", False), ("False", False), ("True", True)])
 def test_jit_compile_follows_the_config(tmp_path, monkeypatch, setting, expected):
     compiled = []
     original = keras.Model.compile
@@ -62,7 +62,7 @@ def test_jit_compile_follows_the_config(tmp_path, monkeypatch, setting, expected
     report = train.run(config, str(tmp_path / "run"), verbose=0)
     assert report["images_per_s"] > 0  # a run of one step still reports its speed
     # The teacher is trained with labels first, then the Distiller; None means
-    # XLA on a single device.
+    # Keras's "auto" (no XLA on this CPU) for a run too short to time the paths.
     assert [name for name, _ in compiled][-1] == "Distiller" and len(compiled) >= 2
     assert {jit for _, jit in compiled} == {expected}, compiled
 

@@ -224,6 +224,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.dtype in DTYPES, f"must be one of {DTYPES}", "dtype")
     check(config.teacher_dtype is None or config.teacher_dtype in DTYPES,
           f"must be None or one of {DTYPES}", "teacher_dtype")
+    check(0 <= config.teacher_path_budget < 1, "must be in [0, 1)", "teacher_path_budget")
+    check(0 < config.teacher_agreement_min <= 1, "must be in (0, 1]", "teacher_agreement_min")
+    check(_positive_int(config.teacher_agreement_images), "must be a positive int",
+          "teacher_agreement_images")
     check_teachers(config, check, _positive_int)
     if errors:
         raise ValueError("Invalid config:\n  " + "\n  ".join(errors))

@@ -81,7 +81,8 @@ FIELDS: dict[str, Field] = {
     "teacher_size": Field(
         None, (int, list, NoneType), "Teacher input side (list: per teacher). None: student_size."
     ),
-    "teacher_dtype": Field(None, (str, NoneType), "Teacher compute dtype. None: `dtype`."),
+    "teacher_dtype": Field(None, (str, NoneType), "Teacher dtype policy. None (auto): "
+                           "`dtype`, or bf16 if timed faster and agreeing (`tune`)."),
     "teacher_epochs": Field(
         None,
         (int, NoneType),
@@ -134,10 +135,16 @@ FIELDS: dict[str, Field] = {
     "jit_compile": Field(
         None,
         (bool, NoneType),
-        "XLA-compile the train step. None: on for one device or JAX, off under a "
-        "tf.distribute strategy. Whether XLA helps depends on the models and image "
-        "size (README Benchmarks): measure with benchmarks/step.py.",
+        "XLA-compile the train step. None (auto): timed at the start of a long run "
+        "with the teacher's other paths (`tune.teacher_path`: the whole step, the "
+        "teacher alone, or neither under XLA); short runs take Keras's "
+        "jit_compile='auto' (no XLA on a CPU). README Benchmarks.",
     ),
+    "teacher_path_budget": Field(0.015, (float,), "Share of a run that choosing the "
+                                 "teacher path may take (runs too short skip it; 0: never)."),
+    "teacher_agreement_min": Field(0.995, (float,), "Top-1 agreement a teacher path must "
+                                   "have with the float32 teacher without XLA."),
+    "teacher_agreement_images": Field(512, (int,), "Validation images it is measured on."),
     # -- checkpoints and evaluation --
     "checkpoint_every_steps": Field(1000, (int,), "Save a checkpoint every N steps."),
     "checkpoint_every_minutes": Field(

@@ -1,0 +1,184 @@
+"""The teacher compute path: candidates, timing, the agreement guard, and a run that keeps its choice."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from funmatch_keras import compute_path, configs, models, train, tune
+from funmatch_keras.distiller import Distiller
+
+FP32, BF16 = "float32", tune.BFLOAT16
+
+
+def _dense(kernel: np.ndarray) -> keras.Model:
+    model = keras.Sequential([keras.Input((kernel.shape[0],)),
+                              keras.layers.Dense(kernel.shape[1], use_bias=False)])
+    model.set_weights([kernel.astype(np.float32)])
+    return model
+
+
+def _distiller(teacher_kernel, seed=0):
+    rng = np.random.default_rng(seed)
+    student = _dense(rng.normal(size=teacher_kernel.shape))
+    distiller = Distiller(_dense(teacher_kernel), student)
+    distiller.compile(optimizer=keras.optimizers.Adam(0.1))
+    return distiller
+
+
+def _fake_timings(monkeypatch, ms_by_name):
+    """Steps that take the given times: the choice must not depend on a noisy clock."""
+    def run_step(distiller, x, y):
+        distiller.train_on_batch(x, y)  # still trains, so the weights' restore is tested
+        path = tune.TeacherPath(distiller.jit_compile, tune.dtype_of(distiller.teachers[0]),
+                                distiller.teacher_jit_compile)
+        return ms_by_name[path.name] / 1e3
+
+    monkeypatch.setattr(tune, "_run_step", run_step)
+
+
+def test_candidates_start_with_keras_auto_and_add_bf16_only_where_native():
+    plain = tune.candidates(native_bfloat16=False)
+    assert plain[0] == tune.default_path() == tune.TeacherPath(False, FP32)  # CPU: no XLA
+    assert {p.name for p in plain} == {"no_xla_fp32_teacher", "teacher_xla_fp32_teacher",
+                                       "step_xla_fp32_teacher"}
+    native = tune.candidates(native_bfloat16=True)
+    assert len(native) == 6 and {p.teacher_dtype for p in native} == {FP32, BF16}
+    # A teacher that is not float32 is never "tuned" to another dtype.
+    assert {p.teacher_dtype for p in tune.candidates(BF16, native_bfloat16=True)} == {BF16}
+
+
+def test_with_dtype_computes_in_bf16_from_the_same_weights():
+    model = _dense(np.random.default_rng(0).normal(size=(8, 4)))
+    copy = tune.with_dtype(model, BF16)
+    assert copy.layers[-1].compute_dtype == "bfloat16"
+    np.testing.assert_array_equal(copy.get_weights()[0], model.get_weights()[0])
+    x = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(copy(x), np.float32), model(x), rtol=0.05, atol=0.05)
+    assert tune.with_dtype(model, FP32) is model
+
+
+def test_a_teacher_compiled_alone_gives_the_same_logits_and_trains():
+    kernel = np.random.default_rng(0).normal(size=(8, 4))
+    x = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
+    plain = _distiller(kernel)
+    compiled = tune.apply(plain, tune.TeacherPath(False, FP32, teacher_jit_compile=True))
+    assert compiled.teacher_jit_compile and compiled.student is plain.student
+    np.testing.assert_allclose(compiled.teacher_logits(x), plain.teacher_logits(x),
+                               rtol=1e-5, atol=1e-5)
+    assert compiled._compiled_teachers is not None and plain._compiled_teachers is None
+    loss = compiled.train_on_batch(x)
+    assert np.isfinite(loss)
+
+
+def test_the_fastest_agreeing_path_wins_and_the_student_is_untouched(monkeypatch):
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(8, 4)) * 5  # large margins: bf16 keeps every top-1
+    distiller = _distiller(kernel)
+    before = [w.copy() for w in distiller.student.get_weights()]
+    _fake_timings(monkeypatch, {"no_xla_fp32_teacher": 30.0, "teacher_xla_fp32_teacher": 20.0,
+                                "step_xla_fp32_teacher": 25.0, "no_xla_bf16_teacher": 40.0,
+                                "teacher_xla_bf16_teacher": 10.0, "step_xla_bf16_teacher": 12.0})
+    images = rng.normal(size=(256, 8)).astype(np.float32)
+    result = tune.teacher_path(distiller, images[:16], [images[:128], images[128:]],
+                               paths=tune.candidates(native_bfloat16=True), log=None)
+    assert result.choice == tune.TeacherPath(False, BF16, teacher_jit_compile=True)
+    rows = {r["path"]: r for r in result.table}
+    assert rows["teacher_xla_bf16_teacher"]["agreement"] >= 0.995
+    assert rows["teacher_xla_bf16_teacher"]["speedup"] == pytest.approx(3.0)
+    assert "agreement" not in rows["step_xla_bf16_teacher"]  # slower: never checked
+    for a, b in zip(distiller.student.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(distiller.optimizer.iterations) == 0
+
+
+def test_a_bf16_teacher_that_flips_predictions_is_refused(monkeypatch):
+    rng = np.random.default_rng(0)
+    # Columns 1e-3 apart: bfloat16's 8-bit mantissa cannot tell them apart.
+    base = rng.normal(size=(8, 1))
+    kernel = base + 1e-3 * rng.normal(size=(8, 4))
+    distiller = _distiller(kernel)
+    _fake_timings(monkeypatch, {"no_xla_fp32_teacher": 30.0, "teacher_xla_fp32_teacher": 40.0,
+                                "step_xla_fp32_teacher": 25.0, "no_xla_bf16_teacher": 10.0,
+                                "teacher_xla_bf16_teacher": 45.0, "step_xla_bf16_teacher": 50.0})
+    images = rng.normal(size=(256, 8)).astype(np.float32)
+    result = tune.teacher_path(distiller, images[:16], [images],
+                               paths=tune.candidates(native_bfloat16=True), log=None)
+    rows = {r["path"]: r for r in result.table}
+    assert rows["no_xla_bf16_teacher"]["agreement"] < 0.995
+    assert rows["no_xla_bf16_teacher"]["note"].startswith("refused: agreement")
+    # Next fastest, XLA in float32, agrees and is kept.
+    assert result.choice == tune.TeacherPath(True, FP32)
+    assert rows["step_xla_fp32_teacher"]["agreement"] == 1.0
+
+
+def test_the_budget_stops_timing_after_the_first_candidate(monkeypatch):
+    distiller = _distiller(np.random.default_rng(0).normal(size=(8, 4)))
+    images = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
+    result = tune.teacher_path(distiller, images, budget_steps=0.0, log=None)
+    assert result.choice == result.candidates[0]
+    assert [r["ms"] is None for r in result.table] == [False] + [True] * (len(result.table) - 1)
+    assert "budget" in tune.format_table(result)
+
+
+# -- a run's path: decided, tuned once, kept ------------------------------------
+
+
+def _config(**overrides):
+    config = configs.load_config("digits:smoke=True")
+    return configs.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+
+
+def test_decision_without_timing():
+    config = _config()
+    decide = compute_path.decision
+    short, why = decide(config, total_steps=100, num_replicas=1, resumed=False)
+    assert short == tune.default_path() and why.startswith("run too short")
+    # The demo's 1,140 steps are too short; the paper's runs are 10k steps and more.
+    assert decide(config, 1_140, 1, False)[1].startswith("run too short")
+    assert decide(config, 10_000, 1, False) == (None, "tuned")
+    assert decide(config, 10_000, 2, False)[1] == "not tuned on 2 replicas"
+    assert "resumed run without teacher_path.json" in decide(config, 10_000, 1, True)[1]
+    assert decide(_config(teacher_path_budget=0.0), 10**9, 1, False)[0] == tune.default_path()
+    fixed = decide(_config(mode="fixed_teacher"), 10_000, 1, False)
+    assert fixed[1].startswith("fixed teacher")
+    explicit = decide(_config(jit_compile=True, teacher_dtype="float32"), 10_000, 1, False)
+    assert explicit == (tune.TeacherPath(True, FP32), "set in the config")
+    # jit_compile alone is kept when the run is too short to tune the dtype.
+    assert decide(_config(jit_compile=True), 100, 1, False)[0].jit_compile is True
+
+
+@pytest.mark.slow
+def test_a_run_tunes_once_saves_the_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    teacher = str(tmp_path / "teacher.keras")
+    models.build("cnn:8", 10, _config().student_size).save(teacher)  # no label training
+    config = _config(epochs=60, eval_every_epochs=30, teacher=teacher, teacher_path_budget=0.9,
+                     teacher_agreement_images=64)
+    # Seconds-long steps: the budget (0.9 of the run's time) covers the real compiles.
+    _fake_timings(monkeypatch, {"no_xla_fp32_teacher": 3000.0,
+                                "teacher_xla_fp32_teacher": 1000.0, "step_xla_fp32_teacher": 2000.0})
+    report = train.run(config, workdir, verbose=0)
+    saved = json.load(open(os.path.join(workdir, "teacher_path.json")))
+    assert saved["name"] == "teacher_xla_fp32_teacher" == report["teacher_path"]["name"]
+    assert saved["note"] == "agreement on 64 images"
+    assert [r["path"] for r in saved["table"]][0] == "no_xla_fp32_teacher"
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("a run whose workdir holds teacher_path.json tuned again")
+
+    monkeypatch.setattr(tune, "teacher_path", no_tuning)
+    chosen = []
+    original = tune.apply
+    monkeypatch.setattr(tune, "apply", lambda d, p: chosen.append(p) or original(d, p))
+    again = train.run(config, workdir, verbose=0)  # a finished run, resumed
+    assert chosen == [tune.TeacherPath(False, FP32, teacher_jit_compile=True)]
+    assert again["teacher_path"]["reason"] == "read from teacher_path.json"
+
+
+def test_default_path_is_what_keras_auto_resolves_to():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(jit_compile="auto")
+    assert tune.default_path().jit_compile is bool(model.jit_compile)
