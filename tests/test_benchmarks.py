@@ -28,12 +28,19 @@ def _last_json_line(args: list[str], tmp_path) -> dict:
 def test_step_benchmark_quick(tmp_path):
     report = _last_json_line(
         [os.path.join(ROOT, "benchmarks", "step.py"), "--quick", "--repeats", "1",
-         "--eval-images", "64", "--no-profile",
+         "--eval-images", "64", "--no-profile", "--trained-epochs", "1",
          "--variants", "matmul_fp32_1024,matmul_bf16_1024,keras_distiller,ours_fp32"],
         tmp_path)
     for key in ("speedup_vs_keras_distillation", "agreement_fast_vs_fp32",
-                "fp32_peak_fraction", "flops_per_step", "peak_gflops", "results"):
+                "fp32_peak_fraction", "flops_per_step", "peak_gflops", "results",
+                "speedup_default_vs_keras", "speedup_tuned_vs_keras", "cpu_flags"):
         assert key in report
+    # funmatch distill's two paths are always measured, the tuned one named by its path.
+    assert report["tuned_variant"].startswith("ours_tuned:")
+    assert 0.0 <= report["tuned_agreement"] <= 1.0
+    trained = report["trained_teacher"]
+    assert set(trained["by_teacher_config"]) >= {"float32_xla"}
+    assert trained["median_margin"] > 0 and 0 <= trained["test_top1"] <= 1
     assert report["speedup_vs_keras_distillation"] > 0
     assert 0.0 <= report["agreement_fast_vs_fp32"] <= 1.0
     assert report["fp32_peak_fraction"] > 0
