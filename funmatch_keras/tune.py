@@ -41,6 +41,7 @@ from funmatch_keras.losses import kl_divergence_from_logits
 BFLOAT16 = "mixed_bfloat16"  # variables stay float32; the teacher computes in bf16
 AGREEMENT_MIN = 0.995
 KL_MAX = 0.01  # nats, mean over the agreement images; a flip of 0.5% costs far less
+MAX_ROUNDS = 15  # timed rounds at most, when the budget allows more than `steps`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +190,8 @@ def teacher_path(
 
     Each candidate is compiled and run once, then timed for `steps` rounds of
     one step each (bursts of steps shorter than 0.1 s), round-robin over the
-    candidates; the median counts. They run on `batch`, with a copy of the
+    candidates, and for more rounds (up to 15) while they fit in half of
+    `budget_steps`; the median counts. They run on `batch`, with a copy of the
     distiller's optimizer; the
     student's weights are restored afterwards, so `distiller` trains as if
     nothing happened. From the fastest down, a candidate whose teacher
@@ -205,7 +207,7 @@ def teacher_path(
         agreement_data: batches `x` or `(x, y, ...)` of images the teacher
             judges, e.g. the first 512 validation images. None: `batch`.
         paths: the candidates, the untuned one first (`candidates()` unless given).
-        steps: timed rounds per candidate.
+        steps: timed rounds per candidate, at least.
         agreement_min, kl_max: the agreement guard.
         budget_steps: stop timing further candidates once the time spent
             exceeds this many steps of the first candidate. None: no limit.
@@ -237,16 +239,23 @@ def teacher_path(
             seconds[path] = [_run_step(built[path], x, y)]
             step_s = seconds[paths[0]][0]
         # Round-robin, in alternating order, so that a change of load hits all alike;
-        # steps shorter than 0.1 s are timed in bursts.
+        # steps shorter than 0.1 s are timed in bursts. Rounds beyond `steps` while
+        # they fit in half the budget: candidates 10% apart need them on shared cores.
         burst = max(1, math.ceil(0.1 / max(step_s, 1e-6)))
-        for round_ in range(max(1, steps)):
+        round_, round_s = 0, 0.0
+        while round_ < max(1, steps) or (
+                budget_steps is not None and round_ < MAX_ROUNDS
+                and time.perf_counter() - start + round_s < budget_steps * step_s / 2):
+            round_start = time.perf_counter()
             for path in list(built) if round_ % 2 else list(built)[::-1]:
                 seconds[path].append(sum(_run_step(built[path], x, y) for _ in range(burst))
                                      / burst)
+            round_, round_s = round_ + 1, time.perf_counter() - round_start
     finally:
         distiller.student.set_weights(weights)
     for path, times in seconds.items():
         rows[path]["ms"] = round(1e3 * statistics.median(times[1:]), 2)
+        rows[path]["rounds"] = len(times) - 1
 
     images = list(_images(agreement_data if agreement_data is not None else [batch]))
     reference_logits = None

@@ -237,12 +237,16 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     # signals back, so a second Ctrl-C is Python's KeyboardInterrupt, at once.
     callback = checkpoint_callback.CheckpointCallback(
         CheckpointManager(str(tmp_path)), every_steps=100, student=None)
-    previous = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        with checkpoint_callback.stop_on_signals(callback):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.2)  # the handler runs between bytecodes
-            assert callback.stop_requested == "SIGINT"
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
-    assert signal.getsignal(signal.SIGINT) is previous
+    # Python's own handler, as in `funmatch` (a pytest-xdist worker ignores SIGINT).
+    runner = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with checkpoint_callback.stop_on_signals(callback):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler runs between bytecodes
+                assert callback.stop_requested == "SIGINT"
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, runner)

@@ -123,6 +123,18 @@ def test_the_budget_stops_timing_after_the_first_candidate(monkeypatch):
     assert "budget" in tune.format_table(result)
 
 
+def test_a_budget_buys_more_rounds_up_to_the_limit(monkeypatch):
+    distiller = _distiller(np.random.default_rng(0).normal(size=(8, 4)))
+    _fake_timings(monkeypatch, {"no_xla_fp32_teacher": 300.0, "teacher_xla_fp32_teacher": 200.0,
+                                "step_xla_fp32_teacher": 250.0})
+    images = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
+    paths = tune.candidates(native_bfloat16=False)
+    plain = tune.teacher_path(distiller, images, paths=paths, steps=2, log=None)
+    assert [r["rounds"] for r in plain.table] == [2, 2, 2]
+    rich = tune.teacher_path(distiller, images, paths=paths, steps=2, budget_steps=1e9, log=None)
+    assert [r["rounds"] for r in rich.table] == [tune.MAX_ROUNDS] * 3
+
+
 # -- a run's path: decided, tuned once, kept ------------------------------------
 
 
