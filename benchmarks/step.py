@@ -11,7 +11,8 @@ milliseconds per step (and images/s) of:
   the string default does not, see DESIGN §5), `student_loss_weight=0`;
 - `tape_reference`: a hand-written `tf.function` step with `tf.GradientTape`,
   the teacher outside the tape (the way big_vision-style trainers write it);
-- `ours_*`: `funmatch_keras.Distiller` in float32, with a bfloat16 teacher, with
+- `ours_*`: `funmatch_keras.Distiller` in float32, with a bfloat16 teacher (weights
+  stored in bfloat16, `tune.BFLOAT16`), with
   both in bfloat16 (`mixed_bfloat16` student), each with XLA (`jit_compile`)
   on and off, with and without folded weight standardization;
 - `ours_default` / `ours_tuned`: what `funmatch distill` runs (folded teacher),
@@ -52,6 +53,8 @@ Usage:
     python benchmarks/step.py --quick            # small CNNs, 32 px, batch 8: < 2 min
     python benchmarks/step.py                    # BiT-R101x1 -> BiT-R50x1, 128 px, batch 16
     python benchmarks/step.py --workload pets    # BiT-R152x2 -> BiT-R50x1, 128 px, batch 8
+    python benchmarks/step.py --workload pets --quick  # only keras.distillation vs the
+                                                 # path funmatch distill chooses
 
 The last line printed is one JSON object with every measurement.
 """
@@ -311,12 +314,17 @@ QUICK_VARIANTS = (
     "matmul_fp32_1024", "matmul_bf16_1024", "teacher_forward", "student_step",
     "keras_distiller", "tape_reference", "ours_fp32", "ours_bf16_teacher", "ours_fp32_xla",
 )
+# `--workload W --quick`: the comparison the teacher-path target is about, nothing else
+# (the float32 teacher for agreement is measured whatever runs).
+COMPARISON_VARIANTS = ("matmul_fp32_1024", "matmul_bf16_1024", "keras_distiller",
+                       "ours_default", "ours_tuned")
 
 
 def build_variants(names: list[str], work: Workload, x, labels: tf.Tensor,
                    temperature: float, weights: list[list[np.ndarray]],
                    student_weights: list[np.ndarray], folding: bool,
-                   tune_paths: list[fm.tune.TeacherPath], agreement_x):
+                   tune_paths: list[fm.tune.TeacherPath], agreement_x,
+                   label_trained: LabelTrainedTeacher | None):
     """The selected variants (folded ones dropped when the teacher has no StdConv2D).
 
     `x` is what the Distillers get: one tensor, or a dict with the student's
@@ -383,7 +391,7 @@ def build_variants(names: list[str], work: Workload, x, labels: tf.Tensor,
         jit = name.endswith("_xla")
         bf16_teacher = "bf16" in name
         bf16_student = "bf16_both" in name
-        config = TeacherConfig("mixed_bfloat16" if bf16_teacher else "float32",
+        config = TeacherConfig(fm.tune.BFLOAT16 if bf16_teacher else "float32",
                                folded=("folded" in name) or (bf16_teacher and folding),
                                jit=jit)
         distiller = fm.Distiller(one_or_list(teachers(config)),
@@ -403,8 +411,11 @@ def build_variants(names: list[str], work: Workload, x, labels: tf.Tensor,
         if name == "ours_default":
             path = fm.tune.default_path()
         else:
-            result = fm.tune.teacher_path(distiller, x, [agreement_x], paths=tune_paths,
-                                          steps=2, log=lambda t: print(t, flush=True))
+            images, proxy = (([agreement_x], None) if label_trained is None else
+                             ([label_trained.x], [label_trained.model]))
+            result = fm.tune.teacher_path(distiller, x, images, agreement_teachers=proxy,
+                                          paths=tune_paths, steps=2,
+                                          log=lambda t: print(t, flush=True))
             path = result.choice
         distiller = fm.tune.apply(distiller, path)
         config = TeacherConfig(path.teacher_dtype, folded=folding,
@@ -432,13 +443,14 @@ def build_variants(names: list[str], work: Workload, x, labels: tf.Tensor,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="r101",
+    parser.add_argument("--workload", choices=sorted(WORKLOADS),
                         help="teacher, student, sizes and batch by name: " + "; ".join(
                             f"{k}: {w.teacher}@{'+'.join(map(str, w.sizes))} -> "
                             f"{w.student}@{w.size}, batch {w.batch}"
                             for k, w in WORKLOADS.items()))
     parser.add_argument("--quick", action="store_true",
-                        help="--workload quick, with fewer variants and rounds")
+                        help="alone: --workload quick, with fewer variants and rounds; with "
+                             "--workload: only keras.distillation and funmatch distill's paths")
     parser.add_argument("--trained-epochs", type=int, default=12,
                         help="epochs of the CNN trained with labels on digits at the "
                              "teacher's size, whose agreement across paths is measured (0: skip)")
@@ -455,17 +467,22 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--no-profile", action="store_true", help="skip the op-type profile")
     args = parser.parse_args()
-    base = QUICK if args.quick else WORKLOADS[args.workload]
+    workload = args.workload or ("quick" if args.quick else "r101")
+    comparison = args.quick and workload != "quick"
+    base = WORKLOADS[workload]
     work = dataclasses.replace(
         base, teacher=args.teacher or base.teacher, student=args.student or base.student,
         size=args.size or base.size, batch=args.batch or base.batch,
         teacher_sizes=base.teacher_sizes if not args.size else ())
-    names = (args.variants.split(",") if args.variants else
-             list(QUICK_VARIANTS if args.quick else ALL_VARIANTS))
+    names = (args.variants.split(",") if args.variants else list(
+        COMPARISON_VARIANTS if comparison else QUICK_VARIANTS if args.quick else ALL_VARIANTS))
     unknown = sorted(set(names) - set(ALL_VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; valid: {', '.join(ALL_VARIANTS)}")
-    for required in ("keras_distiller", "ours_fp32", "ours_default", "ours_tuned"):
+    # ours_fp32 is the baseline where keras.distillation cannot run (two input sizes).
+    required = ["keras_distiller", "ours_default", "ours_tuned"] + (
+        ["ours_fp32"] if not comparison or not work.same_input else [])
+    for required in required:
         if required not in names:
             names.append(required)
     if not any(n.startswith("matmul_fp32") for n in names):
@@ -473,7 +490,7 @@ def main() -> None:
     if not any(n.startswith("matmul_bf16") for n in names):
         names.append("matmul_bf16_1024")
     repeats = args.repeats or (3 if args.quick else 5)
-    num_eval = args.eval_images or (128 if args.quick else 540)
+    num_eval = args.eval_images or (128 if workload == "quick" else 64 if comparison else 540)
     start = time.time()
     load_start = os.getloadavg()[0]
     cpu = hardware.cpu_model()
@@ -502,6 +519,11 @@ def main() -> None:
         "student": images, "teacher": [random_images(size) for size in work.sizes]}
     labels = tf.constant(rng.integers(0, NUM_CLASSES, work.batch), tf.int32)
     tune_paths = fm.tune.candidates(native_bfloat16=True if args.tune_all else None)
+    # The tuner's agreement guard runs on the label-trained teacher, as it would on a
+    # real teacher's validation images; on the random-head BiT it would refuse any
+    # rounding. Without one (--trained-epochs 0) it guards on the random head.
+    label_trained = (label_trained_teacher(work.sizes[0], args.trained_epochs, num_eval)
+                     if args.trained_epochs else None)
     agreement_x = x if work.same_input else {
         "student": images, "teacher": [tf.constant(eval_images(size, 2 * work.batch))
                                        for size in work.sizes]}
@@ -510,7 +532,7 @@ def main() -> None:
 
     variants, reference_step, teachers = build_variants(
         names, work, x, labels, args.temperature, weights, student_weights, folding,
-        tune_paths, agreement_x)
+        tune_paths, agreement_x, label_trained)
     flops_step = count_flops(reference_step, x)
     views = _views(x, len(teachers))[1]
     flops_teacher = count_flops(tf.function(
@@ -555,10 +577,12 @@ def main() -> None:
                             work.sizes[0], weights[0])
         logits = predict(model, eval_x, jit=config.jit, batch=eval_batch)
         agreement[config.name] = float(np.mean(logits.argmax(-1) == reference_top1))
+    # Every path the tuner may choose, not only the variants timed here.
+    tunable = [TeacherConfig(p.teacher_dtype, jit=p.jit_compile or p.teacher_jit_compile)
+               for p in tune_paths]
     trained = (trained_teacher_agreement(
-        work.sizes[0], args.trained_epochs, num_eval,
-        [v.teacher for v in variants if v.teacher is not None])
-        if args.trained_epochs else None)
+        label_trained, [v.teacher for v in variants if v.teacher is not None] + tunable)
+        if label_trained else None)
     student_agreement = None
     if any(v.bf16_student for v in variants):
         fp32_student = models.build(work.student, NUM_CLASSES, work.size)
@@ -573,7 +597,8 @@ def main() -> None:
 
     by_name = {v.name: v for v in variants}
     profiled = "ours_fp32_folded" if "ours_fp32_folded" in by_name else "ours_fp32"
-    profile = [] if args.no_profile else op_type_profile(by_name[profiled].run)
+    profile = ([] if args.no_profile or profiled not in by_name else
+               op_type_profile(by_name[profiled].run))
 
     # ---- report
     peak_gflops = {}
@@ -637,10 +662,16 @@ def main() -> None:
     print(f"total {time.time() - start:.0f} s; load average {load_start:.1f} -> "
           f"{os.getloadavg()[0]:.1f}", flush=True)
 
+    chosen_trained = None  # the label-trained teacher's agreement on the chosen path
+    if trained:
+        config = dataclasses.replace(by_name[tuned["variant"]].teacher, folded=False)
+        chosen_trained = trained["by_teacher_config"].get(config.name, {"agreement": 1.0})[
+            "agreement"]
     result = {
         "benchmark": "step", "cpu": cpu, "cores": os.cpu_count(),
         "tensorflow": tf.__version__, "keras": keras.__version__,
-        "date": time.strftime("%Y-%m-%d"), "workload": dataclasses.asdict(work),
+        "date": time.strftime("%Y-%m-%d"), "workload": workload, "quick": args.quick,
+        "workload_spec": dataclasses.asdict(work),
         "temperature": args.temperature, "repeats": repeats,
         "flops_per_step": flops_step, "flops_teacher_forward": flops_teacher,
         "flops_counted_by": "tf.compat.v1.profiler float_operation on the tape step graph",
@@ -657,6 +688,8 @@ def main() -> None:
         "speedup_default_vs_keras": default["speedup_vs_keras"],
         "speedup_tuned_vs_keras": tuned["speedup_vs_keras"],
         "tuned_variant": tuned["variant"], "tuned_agreement": tuned["teacher_agreement"],
+        "chosen_path": tuned["variant"].split(":", 1)[1],
+        "chosen_path_trained_agreement": chosen_trained,
         "trained_teacher": trained,
         "cpu_flags": hardware.cpu_flags(), "native_bfloat16": hardware.native_bfloat16(),
         "eval_images": len(eval_x),
@@ -670,14 +703,22 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def trained_teacher_agreement(size: int, epochs: int, count: int,
-                              configs: list[TeacherConfig]) -> dict:
-    """Agreement of each teacher compute path with float32, on a teacher trained with labels.
+@dataclasses.dataclass
+class LabelTrainedTeacher:
+    """A CNN trained with labels on digits at the teacher's size, and its test images."""
+
+    model: keras.Model
+    epochs: int
+    x: np.ndarray
+    y: np.ndarray
+
+
+def label_trained_teacher(size: int, epochs: int, count: int) -> LabelTrainedTeacher:
+    """A teacher with the margins of a real one, which trains in a minute at any size.
 
     A random-head teacher's small margins flip on any rounding (the strict
     case above); a CNN trained on digits upscaled to the workload's size has
-    the margins of a real teacher. It averages the image down to 32 px first,
-    so it trains in a minute at any size. Folding does not apply to it.
+    the margins of a real teacher. It averages the image down to 32 px first.
     """
     layers = keras.layers
     model = keras.Sequential([
@@ -695,6 +736,15 @@ def trained_teacher_agreement(size: int, epochs: int, count: int,
     source = digits_source("test")
     x, y = next(iter(data.eval_pipeline(source, size=size, batch_size=count)
                      .as_numpy_iterator()))
+    return LabelTrainedTeacher(model, epochs, x, y)
+
+
+def trained_teacher_agreement(trained: LabelTrainedTeacher,
+                              configs: list[TeacherConfig]) -> dict:
+    """Agreement of each teacher compute path with float32, on the label-trained
+    teacher (folding does not apply to it)."""
+    model, x, y, size, epochs = (trained.model, trained.x, trained.y,
+                                 trained.model.input_shape[1], trained.epochs)
     reference = predict(model, x, jit=False, batch=64)
     by_config = {}
     for config in configs:

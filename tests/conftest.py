@@ -37,3 +37,16 @@ def two_cpu_strategy() -> tf.distribute.MirroredStrategy:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _op_determinism_stays_in_its_test():
+    """`train.run(deterministic=True)` turns TF op determinism on for the process;
+    Keras then silently drops `jit_compile=True`, which would change what later
+    tests on the same xdist worker measure."""
+    from tensorflow.python.framework import config as tf_config
+
+    was_on = tf_config.is_op_determinism_enabled()
+    yield
+    if tf_config.is_op_determinism_enabled() and not was_on:
+        tf_config.disable_op_determinism()

@@ -47,6 +47,23 @@ def test_step_benchmark_quick(tmp_path):
     assert report["flops_per_step"] > report["flops_teacher_forward"] > 0
     names = {row["variant"] for row in report["results"]}
     assert {"keras_distiller", "ours_fp32"} <= names
+    assert report["workload"] == "quick" and report["chosen_path"] in report["tuned_variant"]
+
+
+@pytest.mark.slow
+def test_step_benchmark_workload_quick_runs_only_the_comparison(tmp_path):
+    # `--workload W --quick` on tiny models (--teacher/--student/--size still apply).
+    report = _last_json_line(
+        [os.path.join(ROOT, "benchmarks", "step.py"), "--workload", "pets", "--quick",
+         "--teacher", "cnn:8", "--student", "cnn:4", "--size", "16", "--batch", "4",
+         "--repeats", "1", "--trained-epochs", "1"], tmp_path)
+    assert report["workload"] == "pets" and report["quick"] is True
+    names = {row["variant"].split(":")[0] for row in report["results"]}
+    assert names == {"matmul_fp32_1024", "matmul_bf16_1024", "keras_distiller",
+                     "ours_default", "ours_tuned"}
+    assert report["baseline"] == "keras_distiller"
+    assert report["tuned_variant"] == f"ours_tuned:{report['chosen_path']}"
+    assert 0.0 <= report["chosen_path_trained_agreement"] <= 1.0
 
 
 @pytest.mark.slow

@@ -4,10 +4,11 @@ import json
 import os
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 
-from funmatch_keras import compute_path, configs, models, train, tune
+from funmatch_keras import compute_path, configs, hardware, models, train, tune
 from funmatch_keras.distiller import Distiller
 
 FP32, BF16 = "float32", tune.BFLOAT16
@@ -50,11 +51,23 @@ def test_candidates_start_with_keras_auto_and_add_bf16_only_where_native():
     assert {p.teacher_dtype for p in tune.candidates(BF16, native_bfloat16=True)} == {BF16}
 
 
+def test_no_xla_path_is_offered_under_op_determinism():
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()  # conftest turns it off again
+    paths = tune.candidates(native_bfloat16=True)
+    assert [p.name for p in paths] == ["no_xla_fp32_teacher", "no_xla_bf16_teacher"]
+
+
 def test_with_dtype_computes_in_bf16_from_the_same_weights():
     model = _dense(np.random.default_rng(0).normal(size=(8, 4)))
     copy = tune.with_dtype(model, BF16)
     assert copy.layers[-1].compute_dtype == "bfloat16"
-    np.testing.assert_array_equal(copy.get_weights()[0], model.get_weights()[0])
+    # Stored in bfloat16 (no per-step cast): the float32 weights, rounded once.
+    assert copy.layers[-1].variable_dtype == "bfloat16"
+    np.testing.assert_array_equal(
+        np.asarray(copy.get_weights()[0], np.float32),
+        model.get_weights()[0].astype(ml_dtypes.bfloat16).astype(np.float32))
     x = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(copy(x), np.float32), model(x), rtol=0.05, atol=0.05)
     assert tune.with_dtype(model, FP32) is model
@@ -114,6 +127,22 @@ def test_a_bf16_teacher_that_flips_predictions_is_refused(monkeypatch):
     assert rows["step_xla_fp32_teacher"]["agreement"] == 1.0
 
 
+def test_agreement_teachers_stand_in_for_the_teachers_in_the_guard(monkeypatch):
+    rng = np.random.default_rng(0)
+    tiny_margins = rng.normal(size=(8, 1)) + 1e-3 * rng.normal(size=(8, 4))
+    distiller = _distiller(tiny_margins)
+    _fake_timings(monkeypatch, {"no_xla_fp32_teacher": 30.0, "teacher_xla_fp32_teacher": 40.0,
+                                "step_xla_fp32_teacher": 25.0, "no_xla_bf16_teacher": 10.0,
+                                "teacher_xla_bf16_teacher": 45.0, "step_xla_bf16_teacher": 50.0})
+    images = rng.normal(size=(256, 8)).astype(np.float32)
+    proxy = _dense(rng.normal(size=(8, 4)) * 5)  # a trained teacher's large margins
+    result = tune.teacher_path(distiller, images[:16], [images],
+                               paths=tune.candidates(native_bfloat16=True),
+                               agreement_teachers=[proxy], log=None)
+    assert result.choice == tune.TeacherPath(False, BF16)
+    assert {r["path"]: r for r in result.table}["no_xla_bf16_teacher"]["agreement"] >= 0.995
+
+
 def test_the_budget_stops_timing_after_the_first_candidate(monkeypatch):
     distiller = _distiller(np.random.default_rng(0).normal(size=(8, 4)))
     images = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
@@ -164,6 +193,7 @@ def test_decision_without_timing():
 
 @pytest.mark.slow
 def test_a_run_tunes_once_saves_the_choice_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "native_bfloat16", lambda: False)  # 3 candidates anywhere
     workdir = str(tmp_path / "run")
     teacher = str(tmp_path / "teacher.keras")
     models.build("cnn:8", 10, _config().student_size).save(teacher)  # no label training
