@@ -182,3 +182,9 @@ def test_distill_a_hub_teacher_into_a_reheaded_hub_student(tmp_path):
     wrong = configs.apply_overrides(config, {"teacher": f"keras_hub:{student_dir}"})
     with pytest.raises(ValueError, match="classifies 3 classes but the data has 10"):
         train.run(wrong, str(tmp_path / "wrong"), verbose=0)
+    # With ":new_head" it is re-headed, trained with labels, saved, then teaches.
+    reheaded = configs.apply_overrides(config, {
+        "teacher": f"keras_hub:{student_dir}:new_head", "teacher_epochs": "1"})
+    report = train.run(reheaded, str(tmp_path / "reheaded"), verbose=0)
+    teacher = models.load_keras_file(str(tmp_path / "reheaded" / "teacher.keras"))
+    assert teacher.output_shape == (None, 10) and 0.0 <= report["agreement"] <= 1.0
