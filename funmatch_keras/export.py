@@ -26,8 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from funmatch_keras import augment
-from funmatch_keras.verify import INPUT_NAME, iter_images, verify
-from funmatch_keras.verify import format_report  # noqa: F401  (export.format_report)
+from funmatch_keras.verify import INPUT_NAME, format_report, iter_images, verify  # noqa: F401
 
 TFLITE_MODES = ("fp32", "fp16", "dynamic", "int8")
 FORMATS = (("keras", "saved_model") + tuple(f"tflite_{m}" for m in TFLITE_MODES)

@@ -260,11 +260,14 @@ def progress_line(record: dict, total_steps: int, steps_per_epoch: int,
     of the whole run, then the latest evaluation (this step's, or an earlier one's).
 
     Example:
-    >>> progress_line({"step": 40, "epoch": 20.0, "images": 20480, "loss": 0.5,
-    ...                "images_per_s": 5120.0, "eta_s": 185.0}, total_steps=400,
-    ...               steps_per_epoch=2, last_eval={"val_agreement": 0.75},
-    ...               last_eval_step=30)
-    'step 40/400 (epoch 20/200, 20,480 images): loss 0.5000, 5,120 images/s, ETA 3m05s | eval at step 30: val_agreement 0.7500'
+    >>> line = progress_line({"step": 40, "epoch": 20.0, "images": 20480, "loss": 0.5,
+    ...                       "images_per_s": 5120.0, "eta_s": 185.0}, total_steps=400,
+    ...                      steps_per_epoch=2, last_eval={"val_agreement": 0.75},
+    ...                      last_eval_step=30)
+    >>> for part in line.split(" | "):
+    ...     print(part)
+    step 40/400 (epoch 20/200, 20,480 images): loss 0.5000, 5,120 images/s, ETA 3m05s
+    eval at step 30: val_agreement 0.7500
     """
     epochs = total_steps / steps_per_epoch
     quiet = (*_NOT_SCALARS, "learning_rate", "images_per_s")
