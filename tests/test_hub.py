@@ -5,6 +5,7 @@ Every preset here is a tiny random-weight keras-hub classifier written with
 that would reach for the network has the sockets blocked.
 """
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -97,6 +98,20 @@ def test_a_student_gets_a_new_head_and_keeps_the_preset_backbone(preset, tmp_pat
     reloaded = models.load_keras_file(path)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(images)),
                                keras.ops.convert_to_numpy(student(images)), atol=1e-5)
+
+
+def test_a_reheaded_hub_student_exports_with_parity(preset, tmp_path):
+    from funmatch_keras import export
+
+    student = models.build("keras_hub:" + preset, num_classes=4, image_size=32, new_head=True)
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype("float32")
+    formats = ["keras", "saved_model", "tflite_fp32"]
+    if importlib.util.find_spec("tf2onnx") is not None:
+        formats.append("onnx")
+    report = export.export_all(student, tmp_path, formats, eval_images=images)
+    for fmt in formats:
+        row = report["artifacts"][fmt]
+        assert row["agreement"] == 1.0 and row["max_abs_logit_diff"] < 1e-4, (fmt, row)
 
 
 def test_another_class_count_without_a_new_head_is_refused(preset):
