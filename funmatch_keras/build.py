@@ -74,7 +74,9 @@ def steps_per_epoch(config: ml_collections.ConfigDict, train_source: sources.Sou
 
 def student(config: ml_collections.ConfigDict, num_classes: int) -> keras.Model:
     """The student of the config, with its initial weights if it names them."""
-    model = models.build(config.student, num_classes, config.student_size, dtype=config.dtype)
+    # A keras-hub preset of another class count gets a new head (random: it learns).
+    model = models.build(config.student, num_classes, config.student_size, dtype=config.dtype,
+                         new_head=True)
     if config.student_weights:
         models.load_weights(model, config.student_weights, new_head="if_needed")
     return model
@@ -85,7 +87,19 @@ def teacher_dtype(config: ml_collections.ConfigDict) -> str:
 
 
 def needs_labels(spec: TeacherSpec) -> bool:
-    """A teacher spec that builds random weights (no weights file, not a model file)."""
+    """A teacher spec that builds random weights (no weights file, not a model file).
+
+    A keras-hub preset comes with its weights, unless it is given a new head
+    (`keras_hub:<preset>:new_head`), which must learn the data's classes.
+
+    Example:
+    >>> needs_labels(TeacherSpec("keras_hub:resnet_50_imagenet", None, 224))
+    False
+    >>> needs_labels(TeacherSpec("keras_hub:resnet_50_imagenet:new_head", None, 224))
+    True
+    """
+    if models.hub.is_hub_spec(spec.model):
+        return not spec.weights and models.hub.parse_spec(spec.model)[1]
     return not spec.weights and not (spec.model.endswith(".keras") or os.path.isdir(spec.model))
 
 

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a trained student")
     export.add_argument("--workdir", required=True, help="a workdir holding student.keras")
     export.add_argument("--formats", default="keras,saved_model,tflite_fp32,tflite_fp16,"
-                        "tflite_dynamic,tflite_int8", help="comma-separated artifact kinds")
+                        "tflite_dynamic,tflite_int8",
+                        help="comma-separated artifact kinds; also onnx (the [onnx] extra)")
     export.add_argument("--num_images", type=_positive_int, default=500,
                         help="eval images for parity checks and int8 calibration (>= 1)")
     export.add_argument("--output_dir", default=None,

@@ -1,8 +1,10 @@
-"""Write a student as .keras, SavedModel and TFLite artifacts, each verified.
+"""Write a student as .keras, SavedModel, TFLite and ONNX artifacts, each verified.
 
 Every file is written to a temporary path and renamed into place, so a failed
 export never leaves a partial one. `export_all` checks each artifact with
 `funmatch_keras.verify.verify`, which runs it the way it will be deployed.
+ONNX is `funmatch_keras.export_onnx` (the `[onnx]` extra); an ONNX export that
+fails is a failed row of the report, and the other formats still export.
 Plain arguments only: `funmatch export` (a workdir's student) is
 `funmatch_keras.ship`. The example of `export_all` shows the whole round.
 """
@@ -24,14 +26,16 @@ import numpy as np
 import tensorflow as tf
 
 from funmatch_keras import augment
-from funmatch_keras.verify import INPUT_NAME, iter_images, verify
+from funmatch_keras.verify import INPUT_NAME, format_report, iter_images, verify  # noqa: F401
 
 TFLITE_MODES = ("fp32", "fp16", "dynamic", "int8")
-FORMATS = ("keras", "saved_model") + tuple(f"tflite_{m}" for m in TFLITE_MODES)
+FORMATS = (("keras", "saved_model") + tuple(f"tflite_{m}" for m in TFLITE_MODES)
+           + ("onnx",))
 REPORT_NAME = "export_report.json"
 
 _ARTIFACT_NAMES = {"keras": "student.keras", "saved_model": "saved_model",
-                   **{f"tflite_{m}": f"student_{m}.tflite" for m in TFLITE_MODES}}
+                   **{f"tflite_{m}": f"student_{m}.tflite" for m in TFLITE_MODES},
+                   "onnx": "student.onnx"}
 
 
 class ExportError(RuntimeError):
@@ -242,7 +246,9 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
         model: keras.Model. The student.
         out_dir: str. Output directory (created if missing).
         formats: list of str, from `FORMATS`: `keras`, `saved_model`,
-            `tflite_fp32`, `tflite_fp16`, `tflite_dynamic`, `tflite_int8`.
+            `tflite_fp32`, `tflite_fp16`, `tflite_dynamic`, `tflite_int8`,
+            `onnx` (`student.onnx` and `student_images.onnx`, see
+            `export_onnx.to_onnx`; needs the `[onnx]` extra).
         eval_images: float images `[N, S, S, 3]` in [-1, 1] for the parity check.
         representative_data: calibration images for `tflite_int8` (see
             `to_tflite`). Defaults to `None`; never taken from `eval_images`,
@@ -256,7 +262,8 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
         The report: `{"model", "image_size", "num_eval_images", "artifacts":
         {format: {"path", "size_bytes", "agreement", "max_abs_logit_diff",
         "median_latency_ms"}}, **report_fields}`, also written (atomically) to
-        `<out_dir>/export_report.json`.
+        `<out_dir>/export_report.json`. A failed ONNX export is
+        `{"path", "failed", "unsupported_ops"}` and writes no file.
 
     Example (a tiny untrained student; any `keras.Model` of images works):
     >>> from funmatch_keras.models import small_cnn
@@ -295,6 +302,10 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
     paths = {f: out_dir / _ARTIFACT_NAMES[f] for f in formats}
     for path in paths.values():  # fail before spending minutes on the others
         _check_writable(path, overwrite)
+    if "onnx" in formats:
+        from funmatch_keras import export_onnx
+
+        export_onnx.require()  # the [onnx] extra, before any other export
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_images = np.stack(list(iter_images(eval_images)))
     size = static_image_size(model) or int(eval_images.shape[1])
@@ -308,6 +319,14 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
                 to_keras(model, path, overwrite)
             elif fmt == "saved_model":
                 to_saved_model(model, path, overwrite, size)
+            elif fmt == "onnx":
+                try:
+                    artifacts[fmt] = export_onnx.export_and_verify(
+                        model, path, eval_images, overwrite, size)
+                except export_onnx.OnnxExportError as error:
+                    artifacts[fmt] = {"path": str(path), "failed": error.summary,
+                                      "unsupported_ops": error.ops}
+                continue
             else:
                 if saved_model is None:
                     saved_model = stack.enter_context(_as_saved_model(model, size))
@@ -321,32 +340,6 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
     with _atomic_output(out_dir / REPORT_NAME, overwrite=True) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """Renders an `export_all` report as a plain-text table.
-
-    Example:
-    >>> report = {"image_size": 128, "num_eval_images": 500, "artifacts": {
-    ...     "tflite_int8": {"path": "student_int8.tflite", "size_bytes": 25700,
-    ...                     "agreement": 0.995, "max_abs_logit_diff": 0.31,
-    ...                     "median_latency_ms": 0.05}}}
-    >>> print(format_report(report))
-    format              size  agreement  max|dlogit|  latency ms  path
-    tflite_int8       25.1KB     99.50%      3.1e-01       0.050  student_int8.tflite
-    (500 eval images at 128 px; latency per image on this CPU)
-    """
-    lines = [f"{'format':<15}{'size':>9}{'agreement':>11}{'max|dlogit|':>13}"
-             f"{'latency ms':>12}  path"]
-    for fmt, a in report["artifacts"].items():
-        lines.append(
-            f"{fmt:<15}{_human_size(a['size_bytes']):>9}{a['agreement']:>11.2%}"
-            f"{a['max_abs_logit_diff']:>13.1e}{a['median_latency_ms']:>12.3f}"
-            f"  {a['path']}"
-        )
-    n, size = report["num_eval_images"], report["image_size"]
-    lines.append(f"({n} eval images at {size} px; latency per image on this CPU)")
-    return "\n".join(lines)
 
 
 def static_image_size(model: keras.Model) -> int | None:
@@ -388,11 +381,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def _human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}GB"

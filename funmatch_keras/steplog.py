@@ -12,8 +12,13 @@ Each record holds `step`, `epoch`, `images`, the interval's training metrics
 (means over the interval, as Keras resets them at each virtual epoch), any
 `val_*` metrics, `learning_rate`, `steps` and `train_s` (the interval's length
 and its training time, evaluation excluded), and `wall_time_s`, counted across
-resumes. The first interval of each process holds the compilation and is
-marked `"warmup": true`; `throughput` leaves it out.
+resumes, and `eta_s`, the time left to the end of the whole run (`eta_seconds`).
+The first interval of each process holds the compilation and is marked
+`"warmup": true`; `throughput` and the ETA leave it out once there is more.
+
+The printed line (`progress_line`) is for long runs, where a Keras progress bar
+would only cover one log interval; a run of at most `SHORT_RUN_STEPS` steps keeps
+Keras's own bar instead (`progress_output`).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class StepLogger(keras.callbacks.Callback):
         validation_data: a dataset for `model.evaluate`, or None.
         eval_every_steps: int or None. Evaluate at the first log step at or past
             each multiple of it, and at the end of the run.
-        verbose: int. 0: silent; 1: one line per log step.
+        verbose: int. 0: silent; 1: one line per log step (`progress_line`:
+            step, epoch, images/s, ETA of the run, loss, the latest evaluation).
         clock: callable returning seconds (tests inject one). Defaults to
             `time.monotonic`.
 
@@ -92,6 +98,10 @@ class StepLogger(keras.callbacks.Callback):
         self._wall_offset = 0.0
         self._warmup = True  # the first interval of this process holds compilation
         self._started: float | None = None
+        # Where the ETA's timing starts: the end of this process's first interval.
+        self._eta_mark: tuple[float, int] | None = None
+        self._last_eval: dict[str, float] = {}
+        self._last_eval_step: int | None = None
 
     @property
     def earlier_wall_time_s(self) -> float:
@@ -129,6 +139,8 @@ class StepLogger(keras.callbacks.Callback):
         if self._evaluation_due(previous, step):
             results = evaluate(self.model, self.validation_data)
             logs.update({f"val_{k}": float(v) for k, v in results.items()})
+            self._last_eval = {f"val_{k}": float(v) for k, v in results.items()}
+            self._last_eval_step = step
         optimizer = self.model.optimizer
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
         record = {
@@ -141,9 +153,17 @@ class StepLogger(keras.callbacks.Callback):
             "images_per_s": round(steps * self.batch_size / train_s, 2) if train_s > 0 else 0.0,
             "wall_time_s": round(self._wall_offset + self.clock() - self._started, 2),
         }
+        now = self.clock()
+        # Wall time per step (evaluations included) since the first interval of this
+        # process, which compiles; until there is more, that interval's own.
+        since, since_step = self._eta_mark or (now - train_s, previous)
+        if step > since_step:
+            record["eta_s"] = round(eta_seconds(step, self.total_steps, step - since_step,
+                                                now - since), 1)
         if self._warmup:
             record["warmup"] = True
             self._warmup = False
+            self._eta_mark = (now, step)
         self._write(record)
         self._mark = self.clock()
 
@@ -166,7 +186,8 @@ class StepLogger(keras.callbacks.Callback):
                     tf.summary.scalar(name, value)
             self._writer.flush()
         if self.verbose:
-            print(progress_line(record, self.total_steps, self.steps_per_epoch), flush=True)
+            print(progress_line(record, self.total_steps, self.steps_per_epoch,
+                                self._last_eval, self._last_eval_step), flush=True)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
@@ -174,24 +195,98 @@ class StepLogger(keras.callbacks.Callback):
 
 
 # Bookkeeping fields of a record, not metrics.
-_NOT_SCALARS = ("step", "epoch", "images", "steps", "train_s", "wall_time_s", "warmup")
+_NOT_SCALARS = ("step", "epoch", "images", "steps", "train_s", "wall_time_s", "warmup",
+                "eta_s")
+# Runs of at most this many steps keep Keras's progress bar (`progress_output`).
+SHORT_RUN_STEPS = 500
 
 
-def progress_line(record: dict, total_steps: int, steps_per_epoch: int) -> str:
-    """One log record as a line in the user's units.
+def progress_output(total_steps: int, verbose: int) -> tuple[int, int]:
+    """`(fit_verbose, logger_verbose)`: Keras's bar for a short run, our line for a long one.
+
+    A short run (at most `SHORT_RUN_STEPS` steps: smoke runs, quick
+    experiments) shows Keras's own progress bar, one per log interval (Keras
+    counts the log intervals as its epochs); a longer one prints
+    `progress_line` once per log interval instead, with the ETA of the whole
+    run, which a bar over one interval cannot give.
 
     Example:
-    >>> progress_line({"step": 40, "epoch": 20.0, "images": 20480, "loss": 0.5,
-    ...                "images_per_s": 5120.0}, total_steps=400, steps_per_epoch=2)
-    'step 40/400 (epoch 20/200, 20,480 images): loss 0.5000, 5,120 images/s'
+    >>> progress_output(400, verbose=1), progress_output(6000, verbose=1)
+    ((1, 0), (0, 1))
+    >>> progress_output(400, verbose=0)
+    (0, 0)
+    """
+    if not verbose:
+        return 0, 0
+    return (verbose, 0) if total_steps <= SHORT_RUN_STEPS else (0, verbose)
+
+
+def eta_seconds(step: int, total_steps: int, steps_timed: int,
+                seconds_timed: float) -> float:
+    """Seconds left to `total_steps`, at the pace of `steps_timed` steps in `seconds_timed`.
+
+    Example (100 steps took 50 s, so 0.5 s a step; 1,800 steps are left):
+    >>> eta_seconds(200, 2000, steps_timed=100, seconds_timed=50.0)
+    900.0
+    """
+    if steps_timed <= 0:
+        raise ValueError(f"steps_timed must be >= 1. Received: steps_timed={steps_timed}")
+    return max(0, total_steps - step) * seconds_timed / steps_timed
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as the two largest units: `2d04h`, `1h02m`, `3m05s`, `42s`.
+
+    Example:
+    >>> [format_duration(s) for s in (42, 185, 3720, 187200)]
+    ['42s', '3m05s', '1h02m', '2d04h']
+    """
+    s = int(round(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{s:02d}s"
+    return f"{s}s"
+
+
+def progress_line(record: dict, total_steps: int, steps_per_epoch: int,
+                  last_eval: dict | None = None, last_eval_step: int | None = None) -> str:
+    """One log record as a line: step, epoch, images, training metrics, images/s, ETA
+    of the whole run, then the latest evaluation (this step's, or an earlier one's).
+
+    Example:
+    >>> line = progress_line({"step": 40, "epoch": 20.0, "images": 20480, "loss": 0.5,
+    ...                       "images_per_s": 5120.0, "eta_s": 185.0}, total_steps=400,
+    ...                      steps_per_epoch=2, last_eval={"val_agreement": 0.75},
+    ...                      last_eval_step=30)
+    >>> for part in line.split(" | "):
+    ...     print(part)
+    step 40/400 (epoch 20/200, 20,480 images): loss 0.5000, 5,120 images/s, ETA 3m05s
+    eval at step 30: val_agreement 0.7500
     """
     epochs = total_steps / steps_per_epoch
     quiet = (*_NOT_SCALARS, "learning_rate", "images_per_s")
-    parts = [f"{k} {v:.4f}" for k, v in record.items() if k not in quiet]
+    parts = [f"{k} {v:.4f}" for k, v in record.items()
+             if k not in quiet and not k.startswith("val_")]
     if record.get("images_per_s"):
         parts.append(f"{record['images_per_s']:,.0f} images/s")
-    return (f"step {record['step']}/{total_steps} (epoch {record['epoch']:g}/{epochs:g}, "
+    if "eta_s" in record:
+        parts.append(f"ETA {format_duration(record['eta_s'])}")
+    line = (f"step {record['step']}/{total_steps} (epoch {record['epoch']:g}/{epochs:g}, "
             f"{record['images']:,} images): " + ", ".join(parts))
+    evaluated = {k: v for k, v in record.items() if k.startswith("val_")}
+    at = record["step"]
+    if not evaluated and last_eval:
+        evaluated, at = last_eval, last_eval_step
+    if evaluated:
+        line += f" | eval at step {at}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in evaluated.items())
+    return line
 
 
 def evaluate(model: keras.Model, dataset) -> dict[str, float]:

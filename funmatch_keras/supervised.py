@@ -124,10 +124,11 @@ def fit_with_labels(
                   steps_per_execution=config.steps_per_execution)
     cadence = configs.cadence(config, steps_per_epoch, epochs)
     log_every = log_every_steps or cadence.log_every_steps
+    fit_verbose, log_verbose = steplog.progress_output(cadence.total_steps, verbose)
     logger = steplog.StepLogger(
         batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
         total_steps=cadence.total_steps, validation_data=validation_data,
-        eval_every_steps=max(1, cadence.total_steps // evaluations), verbose=verbose)
+        eval_every_steps=max(1, cadence.total_steps // evaluations), verbose=log_verbose)
 
     def make_dataset(step: int):
         def pipeline(input_context):
@@ -144,7 +145,7 @@ def fit_with_labels(
         every_steps=cadence.checkpoint_every_steps, keep=config.keep_checkpoints,
         every_minutes=config.checkpoint_every_minutes, log_every_steps=log_every,
         steps_per_epoch=steps_per_epoch, epochs=epochs, name=name,
-        is_chief=replicas.is_chief, callbacks=[logger, *callbacks], verbose=0)
+        is_chief=replicas.is_chief, callbacks=[logger, *callbacks], verbose=fit_verbose)
     return model
 
 

@@ -101,10 +101,13 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
     val_ds = data.eval_pipeline(val_source, size=config.student_size,
                                 batch_size=config.eval_batch_size, teacher_size=teacher_size)
     metrics_path = workdirs.metrics_path(workdir)
+    # Short runs: Keras's progress bar; long ones: a line per log interval with the ETA.
+    fit_verbose, log_verbose = steplog.progress_output(total_steps, verbose)
     logger = steplog.StepLogger(
         batch_size=config.batch_size, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         metrics_path=metrics_path, tensorboard_dir=os.path.join(workdir, "tensorboard"),
-        validation_data=val_ds, eval_every_steps=cadence.eval_every_steps, verbose=verbose)
+        validation_data=val_ds, eval_every_steps=cadence.eval_every_steps,
+        verbose=log_verbose)
     fixed_logits = None
     if config.mode == "fixed_teacher":  # computed once, cached in the workdir
         fixed_logits = teacher_cache.teacher_logits(train_source, teachers[0], teacher_size,
@@ -142,7 +145,7 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
         every_minutes=config.checkpoint_every_minutes,
         log_every_steps=cadence.log_every_steps,
         steps_per_epoch=steps_per_epoch, epochs=config.epochs, name="distillation",
-        saved=student, is_chief=replicas.is_chief, callbacks=[logger], verbose=0)
+        saved=student, is_chief=replicas.is_chief, callbacks=[logger], verbose=fit_verbose)
 
     student_path = workdirs.save_model(student, os.path.join(workdir, workdirs.STUDENT_FILE))
     test_ds = data.eval_pipeline(build.source(config, "test"), size=config.student_size,

@@ -1,9 +1,10 @@
-"""Run exported artifacts the way they will be deployed and compare them with Keras.
+"""Run exported artifacts the way they will be deployed, compare them with Keras, report.
 
-`verify` loads a `.keras` file, a SavedModel or a `.tflite` file (through
-ai-edge-litert), runs it one image per call and reports top-1 agreement, the
-largest logit difference and the latency against the Keras model it came from.
-`funmatch_keras.export` writes the artifacts and calls `verify` on each.
+`verify` loads a `.keras` file, a SavedModel, a `.tflite` file (through
+ai-edge-litert) or an `.onnx` file (through onnxruntime), runs it one image per
+call and reports top-1 agreement, the largest logit difference and the latency
+against the Keras model it came from. `funmatch_keras.export` writes the
+artifacts and calls `verify` on each; `format_report` renders the parity table.
 
 Example (a tiny untrained student, converted to float32 TFLite):
 >>> import tempfile
@@ -32,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-ARTIFACT_KINDS = ("keras", "saved_model", "tflite")
+ARTIFACT_KINDS = ("keras", "saved_model", "tflite", "onnx")
 # The input name of the SavedModel's `serving_default` signature, and so of the
 # TFLite signature converted from it; `export.to_saved_model` writes it.
 INPUT_NAME = "images"
@@ -47,13 +48,13 @@ def verify(
     """Runs an exported artifact one image at a time and compares it with Keras.
 
     Args:
-        artifact_path: str. A `.keras` file, a SavedModel directory or a
-            `.tflite` file.
+        artifact_path: str. A `.keras` file, a SavedModel directory, a
+            `.tflite` file or an `.onnx` file.
         reference_model: keras.Model. The model the artifact was made from.
         images: float images `[N, S, S, 3]` in [-1, 1] (array, tensor, dataset
             or iterable of batches).
-        kind: str. `"keras"`, `"saved_model"` or `"tflite"`. Defaults to `None`
-            (inferred from the path).
+        kind: str. `"keras"`, `"saved_model"`, `"tflite"` or `"onnx"`.
+            Defaults to `None` (inferred from the path).
 
     Returns:
         dict with `agreement` (top-1 agreement with `reference_model`, a
@@ -137,10 +138,20 @@ def _tflite_runner(path: Path) -> Runner:
     return predict
 
 
+def _onnx_runner(path: Path) -> Runner:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    [input_name] = [i.name for i in session.get_inputs()]
+    [output_name] = [o.name for o in session.get_outputs()]
+    return lambda x: session.run([output_name], {input_name: np.asarray(x, np.float32)})[0]
+
+
 _RUNNERS: dict[str, Callable[[Path], Runner]] = {
     "keras": _keras_runner,
     "saved_model": _saved_model_runner,
     "tflite": _tflite_runner,
+    "onnx": _onnx_runner,
 }
 
 
@@ -171,11 +182,13 @@ def _infer_kind(path: Path) -> str:
         return "keras"
     if path.suffix == ".tflite":
         return "tflite"
+    if path.suffix == ".onnx":
+        return "onnx"
     if (path / "saved_model.pb").exists():
         return "saved_model"
     raise ValueError(
-        f"Cannot tell the artifact kind of {path}: expected a `.keras` file, a "
-        f"`.tflite` file or a SavedModel directory; pass `kind=` explicitly."
+        f"Cannot tell the artifact kind of {path}: expected a `.keras`, `.tflite` or "
+        f"`.onnx` file or a SavedModel directory; pass `kind=` explicitly."
     )
 
 
@@ -213,6 +226,45 @@ def iter_images(data: Any, limit: int | None = None) -> Iterator[np.ndarray]:
                 return
             count += 1
             yield image
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Renders an `export.export_all` report as a plain-text table (failed formats too).
+
+    Example:
+    >>> report = {"image_size": 128, "num_eval_images": 500, "artifacts": {
+    ...     "tflite_int8": {"path": "student_int8.tflite", "size_bytes": 25700,
+    ...                     "agreement": 0.995, "max_abs_logit_diff": 0.31,
+    ...                     "median_latency_ms": 0.05},
+    ...     "onnx": {"path": "student.onnx", "failed": "unsupported ops: Igamma"}}}
+    >>> print(format_report(report))
+    format              size  agreement  max|dlogit|  latency ms  path
+    tflite_int8       25.1KB     99.50%      3.1e-01       0.050  student_int8.tflite
+    onnx           FAILED: unsupported ops: Igamma
+    (500 eval images at 128 px; latency per image on this CPU)
+    """
+    lines = [f"{'format':<15}{'size':>9}{'agreement':>11}{'max|dlogit|':>13}"
+             f"{'latency ms':>12}  path"]
+    for fmt, a in report["artifacts"].items():
+        if "failed" in a:
+            lines.append(f"{fmt:<15}FAILED: {a['failed']}")
+            continue
+        lines.append(
+            f"{fmt:<15}{_human_size(a['size_bytes']):>9}{a['agreement']:>11.2%}"
+            f"{a['max_abs_logit_diff']:>13.1e}{a['median_latency_ms']:>12.3f}"
+            f"  {a['path']}"
+        )
+    n, size = report["num_eval_images"], report["image_size"]
+    lines.append(f"({n} eval images at {size} px; latency per image on this CPU)")
+    return "\n".join(lines)
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}GB"
 
 
 def _size_bytes(path: Path) -> int:

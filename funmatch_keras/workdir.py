@@ -218,14 +218,47 @@ def write_report(workdir: str, report: dict, history: list[dict]) -> None:
 
 
 def plot_report(history: list[dict], report: dict, path: str) -> None:
-    """Student top-1 and agreement per evaluated epoch; the teacher's top-1 as a line."""
+    """Writes `report_figure(history, report)` to `path` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(history, report)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def report_figure(history: list[dict], report: dict):
+    """Training loss per logged step beside the eval curves (student top-1, agreement).
+
+    Left: the training loss of each log interval (the interval's mean) against the
+    epoch; right: student top-1 and agreement per evaluation, the teacher's top-1
+    as a line.
+
+    Returns:
+        A matplotlib `Figure` with the two axes (`fig.axes`).
+
+    Example:
+    >>> history = [{"epoch": 1.0, "loss": 2.0}, {"epoch": 2.0, "loss": 1.0,
+    ...             "val_agreement": 0.5, "val_student_top1": 0.4, "val_teacher_top1": 0.9}]
+    >>> fig = report_figure(history, {"config": {"dataset": "digits"}, "student_top1": 0.4})
+    >>> [ax.get_ylabel() for ax in fig.axes]
+    ['training loss', 'fraction']
+    >>> fig.axes[0].lines[0].get_ydata().tolist()
+    [2.0, 1.0]
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (loss_ax, ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    trained = [h for h in history if "loss" in h]
+    if trained:
+        loss_ax.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], "-",
+                     label="training loss (log interval mean)")
+        loss_ax.legend(loc="upper right")
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    loss_ax.grid(alpha=0.3)
     evaluated = [h for h in history if "val_agreement" in h]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     if evaluated:
         epochs = [h["epoch"] for h in evaluated]
         if "val_student_top1" in evaluated[0]:
@@ -238,7 +271,7 @@ def plot_report(history: list[dict], report: dict, path: str) -> None:
     ax.set(xlabel="epoch", ylabel="fraction", title=(
         f"{report['config']['dataset']}: test student top-1 {report['student_top1']:.2%}"))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if evaluated:
+        ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    return fig

@@ -114,3 +114,91 @@ def test_evaluate_of_a_dataset_of_unknown_length_does_not_warn():
         result = steplog.evaluate(model, ds)
     assert "loss" in result
     assert not [w for w in caught if "ran out of data" in str(w.message)]
+
+
+class _FakeClock(keras.callbacks.Callback):
+    """A clock that moves `seconds_per_step` at each training step and nowhere else."""
+
+    def __init__(self, seconds_per_step):
+        super().__init__()
+        self.now = 100.0
+        self.seconds_per_step = seconds_per_step
+
+    def __call__(self):
+        return self.now
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.now += self.seconds_per_step
+
+
+def test_eta_is_the_time_left_to_the_end_of_the_whole_run(tmp_path, capsys):
+    clock = _FakeClock(0.5)
+    path = str(tmp_path / "metrics.jsonl")
+    logger = steplog.StepLogger(batch_size=4, steps_per_epoch=2, total_steps=10,
+                                metrics_path=path, verbose=1, clock=clock)
+    # The clock ticks before the logger reads it: the clock callback goes first.
+    loop.fit_resumably(_model(), _data, steps_per_epoch=2, epochs=5, log_every_steps=3,
+                       callbacks=[clock, logger], verbose=0)
+    records = steplog.read_metrics(path)
+    # By hand: 0.5 s a step. Step 3 (first interval, 1.5 s for 3 steps): 7 steps left
+    # -> 3.5 s; later ones are timed from step 3 on: step 6 -> 4 x 0.5, step 9 -> 1 x 0.5,
+    # step 10 -> nothing left. A Keras epoch (3 steps) would give 0 at every log step.
+    assert [(r["step"], r["eta_s"]) for r in records] == [
+        (3, 3.5), (6, 2.0), (9, 0.5), (10, 0.0)]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert lines[0].endswith("8 images/s, ETA 4s") and lines[1].endswith("ETA 2s")
+    assert steplog.eta_seconds(200, 2000, 100, 50.0) == 900.0
+    assert steplog.eta_seconds(2000, 2000, 100, 50.0) == 0.0
+    assert [steplog.format_duration(s) for s in (0, 59.6, 61, 3599, 3600, 90061)] == [
+        "0s", "1m00s", "1m01s", "59m59s", "1h00m", "1d01h"]
+
+
+def test_the_eta_counts_evaluation_time_after_the_first_interval(tmp_path):
+    clock = _FakeClock(0.5)
+
+    class SlowEvaluation(keras.callbacks.Callback):  # 3 s at each log step, before the logger
+        def on_epoch_end(self, epoch, logs=None):
+            clock.now += 3.0
+
+    path = str(tmp_path / "metrics.jsonl")
+    logger = steplog.StepLogger(batch_size=4, steps_per_epoch=2, total_steps=10,
+                                metrics_path=path, verbose=0, clock=clock)
+    loop.fit_resumably(_model(), _data, steps_per_epoch=2, epochs=5, log_every_steps=3,
+                       callbacks=[clock, SlowEvaluation(), logger], verbose=0)
+    records = steplog.read_metrics(path)
+    # Step 3: the first interval's 1.5 s of steps + 3 s = 4.5 s for 3 steps, 7 left: 10.5.
+    # Step 6: 1.5 + 3 = 4.5 s for the 3 steps since step 3, 4 left: 6.0.
+    # Step 9: 9 s for 6 steps, 1 left: 1.5.
+    assert [r["eta_s"] for r in records] == [10.5, 6.0, 1.5, 0.0]
+
+
+def test_the_line_carries_the_latest_evaluation_until_the_next():
+    record = {"step": 60, "epoch": 30.0, "images": 240, "loss": 0.25, "images_per_s": 80.0,
+              "eta_s": 3720.0}
+    line = steplog.progress_line(record, total_steps=100, steps_per_epoch=2,
+                                 last_eval={"val_agreement": 0.875}, last_eval_step=40)
+    assert line == ("step 60/100 (epoch 30/50, 240 images): loss 0.2500, 80 images/s, "
+                    "ETA 1h02m | eval at step 40: val_agreement 0.8750")
+    evaluated = dict(record, val_agreement=0.9)
+    assert steplog.progress_line(evaluated, 100, 2, {"val_agreement": 0.875}, 40).endswith(
+        "| eval at step 60: val_agreement 0.9000")
+    assert "|" not in steplog.progress_line(record, 100, 2)
+
+
+def test_a_short_run_keeps_the_keras_progress_bar_and_a_long_one_prints_lines(capsys):
+    def run(total_steps):
+        fit_verbose, log_verbose = steplog.progress_output(total_steps, verbose=1)
+        logger = steplog.StepLogger(batch_size=4, steps_per_epoch=2, total_steps=total_steps,
+                                    verbose=log_verbose)
+        loop.fit_resumably(_model(), _data, steps_per_epoch=2, epochs=total_steps // 2,
+                           log_every_steps=2, callbacks=[logger], verbose=fit_verbose)
+        return capsys.readouterr().out
+
+    assert steplog.SHORT_RUN_STEPS == 500
+    short = run(4)
+    assert "Epoch 2/2" in short and "loss:" in short  # Keras's bar
+    assert not [line for line in short.splitlines() if line.startswith("step ")]
+    long_run = run(502)  # 251 intervals of 2 steps: one line each
+    lines = [line for line in long_run.splitlines() if line.startswith("step ")]
+    assert len(lines) == 251 and "Epoch " not in long_run
+    assert lines[-1].startswith("step 502/502") and lines[-1].endswith("ETA 0s")

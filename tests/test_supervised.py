@@ -49,30 +49,3 @@ def test_quickstart_example_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "student_top1" in out.stdout
     assert (tmp_path / "quickstart_student.keras").exists()
-
-
-def notebook_code(path):
-    """The notebook's code cells, without IPython magics and shell lines."""
-    import json
-
-    with open(path) as f:
-        cells = json.load(f)["cells"]
-    for cell in cells:
-        if cell["cell_type"] == "code":
-            yield "".join(line for line in cell["source"]
-                          if not line.lstrip().startswith(("%", "!")))
-
-
-@pytest.mark.slow
-def test_tpu_notebook_cells_run_in_smoke_mode(tmp_path, monkeypatch):
-    import tensorflow_datasets as tfds
-
-    monkeypatch.setenv("FUNMATCH_SMOKE", "1")
-    monkeypatch.setenv("FUNMATCH_WORKDIR", str(tmp_path / "pets"))
-    notebook = os.path.join(os.path.dirname(__file__), "..", "examples", "funmatch_tpu.ipynb")
-    namespace = {}
-    with tfds.testing.mock_data(num_examples=48):
-        for source in notebook_code(notebook):
-            exec(compile(source, notebook, "exec"), namespace)
-    assert 0.0 <= namespace["report"]["agreement"] <= 1.0
-    assert set(namespace["export_report"]["artifacts"]) == {"saved_model", "tflite_fp16"}

@@ -53,6 +53,6 @@ def test_verify_keras_file_matches_its_model(tmp_path):
 
 def test_verify_rejects_unknown_artifacts(tmp_path):
     with pytest.raises(ValueError, match="Cannot tell the artifact kind"):
-        fv.verify(tmp_path / "model.onnx", _tiny_model(), np.zeros([1, SIZE, SIZE, 3]))
-    with pytest.raises(ValueError, match="Received: kind='onnx'"):
-        fv.verify(tmp_path, _tiny_model(), np.zeros([1, SIZE, SIZE, 3]), kind="onnx")
+        fv.verify(tmp_path / "model.mlmodel", _tiny_model(), np.zeros([1, SIZE, SIZE, 3]))
+    with pytest.raises(ValueError, match="Received: kind='coreml'"):
+        fv.verify(tmp_path, _tiny_model(), np.zeros([1, SIZE, SIZE, 3]), kind="coreml")

@@ -117,3 +117,26 @@ def test_the_cli_passes_overwrite(tmp_path, monkeypatch, command, module, functi
     argv = [command, "--config=digits:smoke=True", f"--workdir={tmp_path}"]
     assert cli.main(argv) == 0 and cli.main(argv + ["--overwrite"]) == 0
     assert [kwargs["overwrite"] for kwargs in calls] == [False, True]
+
+
+def test_report_png_has_the_training_loss_beside_the_eval_curves(tmp_path):
+    history = [{"step": 2, "epoch": 1.0, "loss": 2.5},
+               {"step": 4, "epoch": 2.0, "loss": 1.5, "val_agreement": 0.6,
+                "val_student_top1": 0.5, "val_teacher_top1": 0.9},
+               {"step": 6, "epoch": 3.0, "loss": 0.5, "val_agreement": 0.8,
+                "val_student_top1": 0.7, "val_teacher_top1": 0.9}]
+    report = {"config": {"dataset": "digits"}, "student_top1": 0.7}
+    fig = workdirs.report_figure(history, report)
+    loss_ax, eval_ax = fig.axes
+    assert loss_ax.get_ylabel() == "training loss" and loss_ax.get_xlabel() == "epoch"
+    (loss_line,) = loss_ax.lines
+    assert list(loss_line.get_xdata()) == [1.0, 2.0, 3.0]
+    assert list(loss_line.get_ydata()) == [2.5, 1.5, 0.5]
+    curves = {line.get_label(): list(line.get_ydata()) for line in eval_ax.lines}
+    assert curves["agreement with teacher"] == [0.6, 0.8]
+    assert curves["student top-1 (validation)"] == [0.5, 0.7]
+    workdirs.write_report(str(tmp_path), report, history)
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(str(tmp_path / "report.png")).shape
+    assert width > 1.5 * height  # two panels side by side

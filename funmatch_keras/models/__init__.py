@@ -1,6 +1,7 @@
 """Model zoo: `build(spec, ...)` makes a model, `load_weights(model, path)` fills it.
 
-Also: BiT ResNetV2 (`bit_*`, with its checkpoint readers), a small CNN, and
+Also: BiT ResNetV2 (`bit_*`, with its checkpoint readers), a small CNN,
+keras-hub presets (`hub`, the `[hub]` extra, imported only when used), and
 `list_models()`, the specs `build` knows by name.
 """
 
@@ -15,6 +16,7 @@ from funmatch_keras.models.bit import (
     bit_resnet,
     fold_weight_standardization,
 )
+from funmatch_keras.models import hub
 from funmatch_keras.models.bit_weights import load_bit_npz, load_timm_bit, save_bit_npz
 from funmatch_keras.models.checks import check_teacher
 from funmatch_keras.models.cnn import small_cnn
@@ -33,6 +35,7 @@ __all__ = [
     "build",
     "check_teacher",
     "fold_weight_standardization",
+    "hub",
     "list_models",
     "load_bit_npz",
     "load_keras_file",

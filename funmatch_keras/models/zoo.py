@@ -1,8 +1,9 @@
 """Models by name: `build(spec, num_classes, image_size)` and `list_models()`.
 
 A spec is a BiT name (`"bit_r50x1"`), a Keras application
-(`"keras:MobileNetV2"`), a small CNN (`"cnn:16,32,64"`), a `.keras` file, or a
-SavedModel directory (teachers only: it is wrapped, not trainable).
+(`"keras:MobileNetV2"`), a small CNN (`"cnn:16,32,64"`), a keras-hub preset
+(`"keras_hub:<preset>"`, `models.hub`), a `.keras` file, or a SavedModel
+directory (teachers only: it is wrapped, not trainable).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 import keras
 
-from funmatch_keras.models import bit
+from funmatch_keras.models import bit, hub
 from funmatch_keras.models.cnn import small_cnn
 
 BIT_MODELS: dict[str, Callable[..., keras.Model]] = {
@@ -156,6 +157,19 @@ def load_keras_file(path: str | os.PathLike) -> keras.Model:
         return keras.saving.load_model(path, safe_mode=True)
     except (zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{corrupt} ({type(error).__name__}: {error}). {fix}") from error
+    except Exception:
+        _check_keras_hub_importable(path)  # a keras-hub model needs the [hub] extra
+        raise
+
+
+def _check_keras_hub_importable(path: str) -> None:
+    with zipfile.ZipFile(path) as archive:
+        names_keras_hub = b'"keras_hub' in archive.read("config.json")
+    if names_keras_hub:
+        try:
+            hub.import_keras_hub()
+        except ImportError as error:
+            raise ImportError(f"{path!r} holds a keras-hub model: {error}") from error
 
 
 def _keras_file(path: str, num_classes: int) -> keras.Model:
@@ -203,7 +217,7 @@ def _parse_widths(spec: str) -> list[int]:
 
 
 def build(spec: str, num_classes: int, image_size: int,
-          dtype: Any = None) -> keras.Model:
+          dtype: Any = None, new_head: bool = False) -> keras.Model:
     """Builds or loads a classifier from a spec.
 
     Args:
@@ -214,13 +228,22 @@ def build(spec: str, num_classes: int, image_size: int,
               random weights and a logits (no softmax) head;
             - `"cnn:<widths>"`, e.g. `"cnn:16,32,64"`: a small plain CNN
               (`models.cnn.small_cnn`) for quick offline runs;
+            - `"keras_hub:<preset>"`: a keras-hub `ImageClassifier` from a
+              preset name, a `kaggle://` or `hf://` handle, or a local preset
+              directory, with the preset's value range applied in the graph
+              (`models.hub`; needs the `[hub]` extra). `":new_head"` at the
+              end gives it a new head of `num_classes`;
             - a path to a `.keras` file (loaded with `safe_mode=True`);
             - a path to a SavedModel directory, wrapped with
               `keras.layers.TFSMLayer` (inference only, for teachers).
         num_classes: int. Number of logits; checked for loaded models.
         image_size: int. Square input size in pixels.
         dtype: str or None. Layer dtype policy (e.g. `"mixed_bfloat16"`) for
-            BiT and Keras applications; ignored for files. Defaults to `None`.
+            BiT, Keras applications and keras-hub presets; ignored for files.
+            Defaults to `None`.
+        new_head: bool. keras-hub presets only: a new, random head when the
+            preset's class count is not `num_classes` (students). Defaults to
+            `False` (a different count is an error).
 
     Returns:
         A `keras.Model` from images `(batch, image_size, image_size, 3)` in
@@ -240,6 +263,8 @@ def build(spec: str, num_classes: int, image_size: int,
         return BIT_MODELS[spec](num_classes, image_size=image_size, dtype=dtype)
     if spec.startswith(_CNN_PREFIX):
         return small_cnn(_parse_widths(spec), num_classes, image_size, dtype=dtype)
+    if hub.is_hub_spec(spec):
+        return hub.hub_classifier(spec, num_classes, image_size, dtype, new_head)
     if spec.startswith(_KERAS_PREFIX):
         return _keras_application(spec[len(_KERAS_PREFIX):], num_classes,
                                   image_size, dtype)
@@ -258,6 +283,6 @@ def build(spec: str, num_classes: int, image_size: int,
     raise ValueError(
         f"Unknown model spec {spec!r}. Valid: {', '.join(BIT_MODELS)}, "
         "'keras:<Application>' (e.g. 'keras:MobileNetV2'), 'cnn:<widths>' (e.g. "
-        "'cnn:16,32,64'), a .keras file or a "
+        "'cnn:16,32,64'), 'keras_hub:<preset>', a .keras file or a "
         "SavedModel directory."
     )
