@@ -64,6 +64,7 @@ def test_step_benchmark_workload_quick_runs_only_the_comparison(tmp_path):
     assert report["baseline"] == "keras_distiller"
     assert report["tuned_variant"] == f"ours_tuned:{report['chosen_path']}"
     assert 0.0 <= report["chosen_path_trained_agreement"] <= 1.0
+    assert report["agreement_measured_on"] == "label-trained teacher"
 
 
 @pytest.mark.slow
