@@ -30,7 +30,8 @@ XLA (`ours_fp32`), the path it would run.
 All Keras-model variants are timed through `train_on_batch` with the same
 `optim.adamw` optimizer; the variants run round-robin (one step of each, then
 the next round in reverse order), so load from other processes hits them
-alike; every timed step is in the JSON (`seconds`).
+alike; every timed sample is in the JSON (`seconds`: steps shorter than 0.1 s are
+timed in bursts, and a sample is the burst's mean).
 
 FLOPs per step are *counted* by TensorFlow's graph profiler
 (`tf.compat.v1.profiler`, `float_operation()`, i.e. 2 per multiply-add) on the
@@ -65,6 +66,7 @@ import argparse
 import dataclasses
 import glob
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -139,6 +141,7 @@ class Variant:
     flops: float = 0.0
     teacher: TeacherConfig | None = None  # for the agreement column
     bf16_student: bool = False
+    burst: int = 1  # steps per timed sample: steps under 0.1 s are timed in bursts
     seconds: list[float] = dataclasses.field(default_factory=list)
 
     @property
@@ -554,13 +557,16 @@ def main() -> None:
         t0 = time.perf_counter()
         v.run()
         first = time.perf_counter() - t0
+        t0 = time.perf_counter()
         v.run()
+        v.burst = max(1, math.ceil(0.1 / (time.perf_counter() - t0)))
         print(f"  ready {v.name:<28} first call {first:6.1f} s", flush=True)
     for r in range(repeats):  # round-robin, alternating order: load hits all alike
         for v in variants if r % 2 == 0 else variants[::-1]:
             t0 = time.perf_counter()
-            v.run()
-            v.seconds.append(time.perf_counter() - t0)
+            for _ in range(v.burst):
+                v.run()
+            v.seconds.append((time.perf_counter() - t0) / v.burst)
 
     # ---- agreement of each teacher configuration with the float32 one
     # (of the first teacher, at its size; the others differ only in their size)

@@ -47,6 +47,10 @@ BFLOAT16 = "bfloat16"
 AGREEMENT_MIN = 0.995
 KL_MAX = 0.01  # nats, mean over the agreement images; a flip of 0.5% costs far less
 MAX_ROUNDS = 15  # timed rounds at most, when the budget allows more than `steps`
+# Leave the first (untuned) path only for a clear win: candidates within a few percent
+# are a coin toss on shared cores (7 ms CNN steps varied by 10% between identical
+# paths), and a bf16 teacher is not worth its rounding for less.
+MIN_SPEEDUP = 1.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +197,7 @@ def teacher_path(
     steps: int = 3,
     agreement_min: float = AGREEMENT_MIN,
     kl_max: float = KL_MAX,
+    min_speedup: float = MIN_SPEEDUP,
     budget_steps: float | None = None,
     agreement_teachers: list[keras.Model] | None = None,
     log: Callable[[str], None] | None = print,
@@ -202,7 +207,8 @@ def teacher_path(
     Each candidate is compiled and run once, then timed for `steps` rounds of
     one step each (bursts of steps shorter than 0.1 s), round-robin over the
     candidates, and for more rounds (up to 15) while they fit in half of
-    `budget_steps`; the median counts. They run on `batch`, with a copy of the
+    `budget_steps`; the median counts. A candidate must beat the first path
+    by `min_speedup` to be chosen. They run on `batch`, with a copy of the
     distiller's optimizer; the
     student's weights are restored afterwards, so `distiller` trains as if
     nothing happened. From the fastest down, a candidate whose teacher
@@ -220,6 +226,8 @@ def teacher_path(
         paths: the candidates, the untuned one first (`candidates()` unless given).
         steps: timed rounds per candidate, at least.
         agreement_min, kl_max: the agreement guard.
+        min_speedup: a candidate other than the first is chosen only if the
+            first path's median step is at least this many times its own.
         budget_steps: stop timing further candidates once the time spent
             exceeds this many steps of the first candidate. None: no limit.
         agreement_teachers: models that stand in for the teachers in the
@@ -275,8 +283,12 @@ def teacher_path(
     images = list(_images(agreement_data if agreement_data is not None else [batch]))
     reference_logits = None
     choice = paths[0]
+    first_ms = rows[paths[0]]["ms"]
     for path in sorted((p for p in paths if rows[p]["ms"] is not None),
                        key=lambda p: rows[p]["ms"]):
+        if path != paths[0] and rows[path]["ms"] * min_speedup > first_ms:
+            rows[path]["note"] = f"not chosen: less than {min_speedup:g}x the first path"
+            continue
         if path.teacher_numerics == reference.teacher_numerics:
             rows[path].update(agreement=1.0, kl=0.0)
             choice = path
@@ -295,7 +307,6 @@ def teacher_path(
             break
         rows[path]["note"] = (f"refused: agreement {agreement:.2%} < {agreement_min:.2%}"
                               if agreement < agreement_min else f"refused: KL {kl:.3g} > {kl_max}")
-    first_ms = rows[paths[0]]["ms"]
     for row in rows.values():
         if row["ms"]:
             row["speedup"] = round(first_ms / row["ms"], 3)

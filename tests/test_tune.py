@@ -143,6 +143,22 @@ def test_agreement_teachers_stand_in_for_the_teachers_in_the_guard(monkeypatch):
     assert {r["path"]: r for r in result.table}["no_xla_bf16_teacher"]["agreement"] >= 0.995
 
 
+def test_a_path_within_noise_of_the_first_is_not_worth_a_switch(monkeypatch):
+    distiller = _distiller(np.random.default_rng(0).normal(size=(8, 4)) * 5)
+    _fake_timings(monkeypatch, {"no_xla_fp32_teacher": 100.0, "no_xla_bf16_teacher": 97.0,
+                                "teacher_xla_fp32_teacher": 96.0, "step_xla_fp32_teacher": 110.0,
+                                "teacher_xla_bf16_teacher": 120.0, "step_xla_bf16_teacher": 130.0})
+    images = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
+    paths = tune.candidates(native_bfloat16=True)
+    result = tune.teacher_path(distiller, images, paths=paths, log=None)  # 1.04x at best
+    assert result.choice == paths[0] == tune.TeacherPath(False, FP32)
+    rows = {r["path"]: r for r in result.table}
+    assert rows["teacher_xla_fp32_teacher"]["note"].startswith("not chosen: less than 1.05x")
+    # With no margin asked, the fastest agreeing path wins as before.
+    plain = tune.teacher_path(distiller, images, paths=paths, min_speedup=1.0, log=None)
+    assert plain.choice == tune.TeacherPath(False, FP32, teacher_jit_compile=True)
+
+
 def test_the_budget_stops_timing_after_the_first_candidate(monkeypatch):
     distiller = _distiller(np.random.default_rng(0).normal(size=(8, 4)))
     images = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
@@ -180,6 +196,10 @@ def test_decision_without_timing():
     # The demo's 1,140 steps are too short; the paper's runs are 10k steps and more.
     assert decide(config, 1_140, 1, False)[1].startswith("run too short")
     assert decide(config, 10_000, 1, False) == (None, "tuned")
+    # The boundary: 2 candidates x (20 compile + 3 timed + 1) steps = 48 = 1.5% of 3,200
+    # steps; so a Pets run of 1,000 epochs (about 6,500 steps at batch 512) is tuned.
+    assert decide(config, 3_199, 1, False)[1].startswith("run too short")
+    assert decide(config, 3_200, 1, False) == (None, "tuned")
     assert decide(config, 10_000, 2, False)[1] == "not tuned on 2 replicas"
     assert "resumed run without teacher_path.json" in decide(config, 10_000, 1, True)[1]
     assert decide(_config(teacher_path_budget=0.0), 10**9, 1, False)[0] == tune.default_path()
