@@ -67,6 +67,17 @@ def test_step_benchmark_workload_quick_runs_only_the_comparison(tmp_path):
     assert report["agreement_measured_on"] == "label-trained teacher"
 
 
+def test_teacher_dtype_benchmark_on_a_small_cnn(tmp_path):
+    report = _last_json_line(
+        [os.path.join(ROOT, "benchmarks", "teacher_dtype.py"), "--teacher", "cnn:8",
+         "--size", "16", "--batch", "2", "--rounds", "2"], tmp_path)
+    assert set(report["ms"]) == {"float32", "mixed_bfloat16", "bfloat16"}
+    assert report["speedup_vs_float32"]["float32"] == 1.0
+    assert report["max_abs_logit_diff"]["float32"] == 0.0
+    # bf16 rounds, but a random 3-layer CNN's logits stay close to float32's.
+    assert 0.0 < report["max_abs_logit_diff"]["bfloat16"] < 0.5
+
+
 @pytest.mark.slow
 def test_paper_findings_quick(tmp_path):
     report = _last_json_line(

@@ -73,6 +73,27 @@ def test_with_dtype_computes_in_bf16_from_the_same_weights():
     assert tune.with_dtype(model, FP32) is model
 
 
+def test_a_bf16_teachers_logits_reach_the_loss_in_float32():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8)).astype(np.float32)
+    tuned = tune.apply(_distiller(rng.normal(size=(8, 4))), tune.TeacherPath(False, BF16))
+    assert tuned.teachers[0].layers[-1].compute_dtype == "bfloat16"
+    teacher_logits = tuned.teacher_logits(x)
+    assert teacher_logits.dtype == "float32"
+    # Exactly the bf16 teacher's outputs, widened: nothing rounds them again.
+    np.testing.assert_array_equal(
+        teacher_logits, np.asarray(tuned.teachers[0](x), np.float32))
+    # The loss is T^2 KL(teacher || student) on those float32 logits (NumPy, T = 1).
+    student_logits = np.asarray(tuned.student(x), np.float64)
+    log_p = teacher_logits - np.log(np.exp(np.asarray(teacher_logits, np.float64)).sum(
+        -1, keepdims=True))
+    log_q = student_logits - np.log(np.exp(student_logits).sum(-1, keepdims=True))
+    expected = np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1))
+    loss = tuned.compute_loss(x=x, y_pred=tuned.student(x))
+    assert loss.dtype == "float32"
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
 def test_a_teacher_compiled_alone_gives_the_same_logits_and_trains():
     kernel = np.random.default_rng(0).normal(size=(8, 4))
     x = np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32)
