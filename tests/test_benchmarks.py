@@ -65,6 +65,9 @@ def test_step_benchmark_workload_quick_runs_only_the_comparison(tmp_path):
     assert report["tuned_variant"] == f"ours_tuned:{report['chosen_path']}"
     assert 0.0 <= report["chosen_path_trained_agreement"] <= 1.0
     assert report["agreement_measured_on"] == "label-trained teacher"
+    fastest = next(r for r in report["results"] if r["variant"] == report["fastest_variant"])
+    assert report["agreement_fast_vs_fp32"] == fastest["trained_teacher_agreement"]
+    assert report["agreement_fast_vs_fp32_random_head"] == fastest["teacher_agreement"]
 
 
 def test_teacher_dtype_benchmark_on_a_small_cnn(tmp_path):
