@@ -93,6 +93,21 @@ def test_demo_table_prints_this_run_beside_the_reference_figures():
     assert "+1.50 mean, +1.10 worst seed" in table and "a test CPU" in table
 
 
+def test_demo_reference_is_the_readme_table():
+    import pathlib
+
+    from funmatch_keras.demo import REFERENCE
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## The demo", 1)[1].split("\n## ", 1)[0]
+    for name, (mean, std) in REFERENCE["top1"].items():
+        line = next(line for line in section.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{mean:.2%} ± {std:.2%}" in line, (name, line)
+    gap_mean, gap_worst = REFERENCE["gap"]
+    assert f"{gap_mean:+.2%} mean, {gap_worst:+.2%} worst seed" in section
+    assert REFERENCE["machine"] in section
+
+
 def test_demo_teacher_ensemble_predicts_from_averaged_logits():
     from funmatch_keras.demo import predict_classes
 
@@ -132,9 +147,10 @@ def test_demo_runs_the_digits_demo_variant_and_the_benchmarks_keep_the_default()
     from funmatch_keras.demo import CONFIG
 
     demo, default = configs.load_config(CONFIG), configs.load_config("digits")
-    # Only the student, the crops and the temperature differ; the teacher, the
-    # optimizer and the schedule are the same.
-    assert set(configs.diff(default, demo)) == {"student", "crop_area_min", "temperature"}
+    # Only the student, the crops, the temperature and the length differ; the
+    # teacher, the optimizer and the batch are the same.
+    assert set(configs.diff(default, demo)) == {
+        "student", "crop_area_min", "temperature", "epochs"}
     assert (demo.crop_area_min, default.crop_area_min) == (0.1, 0.25)
     with pytest.raises(ValueError, match="Unknown digits variant"):
         configs.load_config("digits:variant=fast")
