@@ -205,7 +205,8 @@ def format_table(report: dict, reference: dict | None = None) -> str:
     """
     ref = REFERENCE if reference is None else reference
     seeds = len(ref["seeds"])
-    lines = [f"{'model':<24}{'params':>9}  {'test top-1':>10} {'(README, ' + str(seeds) + ' seeds)':>22}"
+    readme = f"(README, {seeds} seeds)"
+    lines = [f"{'model':<24}{'params':>9}  {'test top-1':>10} {readme:>22}"
              f"  {'agreement':>9} {'(README)':>17}"]
     for name in ROWS:
         row = report["results"][name]
@@ -250,7 +251,8 @@ def plot_curves(report: dict, path: str) -> None:
     late = [v for key, *_ in students for v in curves[f"{key}_top1"][len(epochs) // 4:]]
     low = min([teacher, *late]) if late else teacher
     top1_ax.set(xlabel="epoch", ylabel="test top-1", ylim=(max(0.0, low - 0.02), 1.0),
-                title=f"Test top-1: distilled − label-trained = {report['gap'] * 100:+.1f} points")
+                title=f"Test top-1: distilled − label-trained = "
+                      f"{report['gap'] * 100:+.1f} points")
     agree_ax.set(xlabel="epoch", ylabel="agreement with the teacher (test)",
                  ylim=(max(0.0, low - 0.02), 1.0), title="Agreement with the teacher")
     for ax in (top1_ax, agree_ax):
