@@ -6,7 +6,9 @@ the data split's shuffle, the teacher's and the students' initial weights and
 the augmentation, and reports for the teacher, the label-trained student and
 the distilled student the mean ± std of test top-1 and of agreement with the
 teacher, and the distilled-minus-label gap. The README's demo table is this
-script's output. The last line is JSON.
+script's output, and so is `funmatch_keras.demo.REFERENCE` (printed as a
+Python literal to paste there), which the demo prints beside its own run. The
+last line is JSON.
 
 Usage:
     python benchmarks/demo_seeds.py [--seeds 0,1,2] [--set student=cnn:8,16,32 ...]
@@ -26,9 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from funmatch_keras import hardware  # noqa: E402
-from funmatch_keras.demo import run_demo  # noqa: E402
-
-ROWS = ("teacher", "label-trained student", "distilled student")
+from funmatch_keras.demo import ROWS, run_demo  # noqa: E402
 
 
 def summarize(reports: list[dict]) -> dict:
@@ -72,6 +72,33 @@ def format_summary(summary: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def machine() -> str:
+    """The machine in a few words: CPU model, cores, and its AVX2/bf16 flags.
+
+    The flags are those of `grep -o -E 'avx512_bf16|amx_bf16|avx2' /proc/cpuinfo`.
+    """
+    flags = [f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in hardware.cpu_flags()]
+    return f"{hardware.cpu_model()}, {os.cpu_count()} cores, {' '.join(flags) or 'no AVX2'}"
+
+
+def reference_literal(summary: dict, seeds: list[int], machine: str) -> str:
+    """`summary` as the `REFERENCE` constant of `funmatch_keras/demo.py`.
+
+    >>> row = {"top1_mean": 0.9, "top1_std": 0.01, "agreement_mean": 1.0, "agreement_std": 0.0}
+    >>> summary = {**{name: row for name in ROWS}, "gap_mean": 0.012, "gap_min": 0.005}
+    >>> literal = reference_literal(summary, [0, 1], "CPU")
+    >>> eval(literal.split(" = ", 1)[1])["gap"]
+    (0.012, 0.005)
+    """
+    def pairs(key):
+        return ", ".join(f"{name!r}: ({summary[name][key + '_mean']}, "
+                         f"{summary[name][key + '_std']})" for name in ROWS)
+
+    return (f"REFERENCE = {{'seeds': {tuple(seeds)!r}, 'machine': {machine!r}, "
+            f"'top1': {{{pairs('top1')}}}, 'agreement': {{{pairs('agreement')}}}, "
+            f"'gap': ({summary['gap_mean']}, {summary['gap_min']})}}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -93,6 +120,7 @@ def main() -> None:
     print(format_summary(summary, seeds))
     print(f"overrides {overrides or 'none'}; {time.time() - start:.0f} s for {len(seeds)} seeds; "
           f"CPU: {hardware.describe()}")
+    print(reference_literal(summary, seeds, machine()))
     print(json.dumps({"seeds": seeds, "overrides": overrides, **summary,
                       "seconds_per_seed": round((time.time() - start) / len(seeds), 1)}))
 

@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="offline demo on the bundled digits")
     demo.add_argument("--workdir", default="demo_out", help="output directory")
-    demo.add_argument("--epochs", type=int, default=None, help="student epochs (default 60)")
-    demo.add_argument("--teacher_epochs", type=int, default=None, help="teacher epochs (default 20)")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="student epochs (default: the digits config's)")
+    demo.add_argument("--teacher_epochs", type=int, default=None,
+                      help="teacher epochs (default: the digits config's)")
     demo.add_argument("--verbose", type=int, default=2, help="Keras verbosity: 0, 1 or 2")
     demo.set_defaults(run=_demo)
 

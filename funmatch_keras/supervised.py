@@ -191,7 +191,7 @@ def _train_for_distillation(config, spec: TeacherSpec, index: int, path: str, so
         optimizer=epoch_warmup_optimizer(config, steps, config.teacher_epochs),
         steps_per_epoch=steps, epochs=config.teacher_epochs,
         checkpoint_dir=workdirs.teacher_checkpoint_dir(os.path.dirname(path), index),
-        replicas=replicas, seed=config.seed + 1,
+        replicas=replicas, seed=config.seed + 1 + index,  # ensemble members: own crops
         area_range=(max(config.crop_area_min, TEACHER_CROP_AREA_MIN), 1.0),
         name="teacher training", verbose=verbose)
     if replicas.is_chief:

@@ -158,3 +158,33 @@ def test_loop_benchmark_quick(tmp_path):
     assert set(report) == {"ratio_2", "checkpoint_s", "checkpoint_blocking_s"}
     assert report["ratio_2"] > 0 and report["checkpoint_s"] > 0
     assert report["checkpoint_blocking_s"] > 0
+
+
+def test_demo_seeds_summary_and_reference_literal():
+    """demo_seeds.py's mean ± std and gaps, and the REFERENCE it prints for demo.py."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_seeds", os.path.join(ROOT, "benchmarks", "demo_seeds.py"))
+    demo_seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_seeds)
+
+    def report(teacher, label, distilled):
+        return {"results": {
+            "teacher": {"top1": teacher, "agreement": 1.0, "params": 9},
+            "label-trained student": {"top1": label, "agreement": 0.9, "params": 3},
+            "distilled student": {"top1": distilled, "agreement": 0.95, "params": 3}}}
+
+    summary = demo_seeds.summarize([report(0.99, 0.96, 0.98), report(0.98, 0.97, 0.975)])
+    assert summary["distilled student"]["top1_mean"] == pytest.approx(0.9775)
+    assert summary["label-trained student"]["top1_std"] == pytest.approx(0.00707, abs=1e-5)
+    assert summary["gap_mean"] == pytest.approx(0.0125)  # (0.02 + 0.005) / 2
+    assert summary["gap_min"] == pytest.approx(0.005)
+    literal = demo_seeds.reference_literal(summary, [0, 1], "a CPU")
+    name, value = literal.split(" = ", 1)
+    reference = ast.literal_eval(value)
+    assert name == "REFERENCE" and reference["machine"] == "a CPU"
+    assert reference["gap"] == (0.0125, 0.005)
+    assert reference["top1"]["distilled student"] == (0.9775, 0.00354)
+    assert f"{os.cpu_count()} cores" in demo_seeds.machine()

@@ -32,7 +32,8 @@ TABLE_4 = {
 }
 
 ALL_SPECS = (
-    ["digits", "imagenet", "imagenet:teacher_res=384", "imagenet:ensemble=True"]
+    ["digits", "digits:variant=demo", "imagenet", "imagenet:teacher_res=384",
+     "imagenet:ensemble=True"]
     + [f"{name}:variant={v}" for name, table in TABLE_4.items() for v in table]
 )
 
