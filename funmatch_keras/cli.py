@@ -38,7 +38,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.teacher_epochs is not None:
         overrides["teacher_epochs"] = args.teacher_epochs
     run_demo(args.workdir, verbose=args.verbose, **overrides)
-    print(f"Wrote {args.workdir}/student.keras, {args.workdir}/demo.png and report.json.")
+    out = args.workdir
+    print(f"Wrote {out}/student.keras, {out}/demo.png and {out}/report.json.")
     return 0
 
 
