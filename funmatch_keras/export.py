@@ -68,7 +68,7 @@ def to_keras(model: keras.Model, path: str | os.PathLike,
     path = Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"The path must end in `.keras`. Received: path={path}")
-    with _atomic_output(path, overwrite) as tmp:
+    with atomic_output(path, overwrite) as tmp:
         model.save(tmp)
     return path
 
@@ -129,7 +129,7 @@ def to_saved_model(model: keras.Model, path: str | os.PathLike, overwrite: bool 
     uint8_spec = tf.TensorSpec([None, None, None, 3], tf.uint8, INPUT_NAME)
     archive.add_endpoint("serve_images", serve_images, input_signature=[uint8_spec])
     path = Path(path)
-    with _atomic_output(path, overwrite) as tmp:
+    with atomic_output(path, overwrite) as tmp:
         archive.write_out(str(tmp), verbose=False)
     return path
 
@@ -185,7 +185,7 @@ def to_tflite(model_or_saved_model_path: keras.Model | str | os.PathLike,
             "(a few hundred training images in [-1, 1]). "
             "Received: representative_data=None")
     path = Path(path)
-    _check_writable(path, overwrite)
+    check_writable(path, overwrite)
     with _as_saved_model(model_or_saved_model_path) as saved_model_dir:
         converter = tf.lite.TFLiteConverter.from_saved_model(
             str(saved_model_dir), signature_keys=["serving_default"])
@@ -205,7 +205,7 @@ def to_tflite(model_or_saved_model_path: keras.Model | str | os.PathLike,
             flatbuffer = converter.convert()
         except Exception as err:  # ConverterError, or a RuntimeError from MLIR
             raise ExportError(_conversion_message(mode, str(err))) from err
-    with _atomic_output(path, overwrite) as tmp:
+    with atomic_output(path, overwrite) as tmp:
         tmp.write_bytes(flatbuffer)
     return path
 
@@ -301,7 +301,7 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
     out_dir = Path(out_dir)
     paths = {f: out_dir / _ARTIFACT_NAMES[f] for f in formats}
     for path in paths.values():  # fail before spending minutes on the others
-        _check_writable(path, overwrite)
+        check_writable(path, overwrite)
     if "onnx" in formats:
         from funmatch_keras import export_onnx
 
@@ -337,7 +337,7 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
     report = {"model": model.name, "image_size": size,
               "num_eval_images": int(len(eval_images)), "artifacts": artifacts,
               **(report_fields or {})}
-    with _atomic_output(out_dir / REPORT_NAME, overwrite=True) as tmp:
+    with atomic_output(out_dir / REPORT_NAME, overwrite=True) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report
 
@@ -356,16 +356,17 @@ def static_image_size(model: keras.Model) -> int | None:
     return int(shape[1])
 
 
-def _check_writable(path: Path, overwrite: bool) -> None:
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Raises `FileExistsError` naming `--overwrite` if `path` exists and may not be replaced."""
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"{path} already exists; pass --overwrite (overwrite=True) to replace it.")
 
 
 @contextlib.contextmanager
-def _atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yields a temporary sibling of `path` (file or directory), renamed on success."""
-    _check_writable(path, overwrite)
+    check_writable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:

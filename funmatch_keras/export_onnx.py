@@ -29,7 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from funmatch_keras import augment
-from funmatch_keras.export import ExportError, _atomic_output, _check_writable, static_image_size
+from funmatch_keras.export import (ExportError, atomic_output, check_writable,
+                                   static_image_size)
 from funmatch_keras.verify import INPUT_NAME, verify
 
 OUTPUT_NAME = "logits"
@@ -126,7 +127,7 @@ def to_onnx(model: keras.Model, path: str | os.PathLike, overwrite: bool = False
     path = Path(path)
     targets = [path] + ([images_path(path)] if serve_images else [])
     for target in targets:
-        _check_writable(target, overwrite)
+        check_writable(target, overwrite)
     # A model loaded from .keras must have been called before Keras exports it.
     model(np.zeros((1, size, size, 3), np.float32), training=False)
     with tempfile.TemporaryDirectory(prefix="funmatch_onnx_") as tmp:
@@ -140,7 +141,7 @@ def to_onnx(model: keras.Model, path: str | os.PathLike, overwrite: bool = False
             _convert(wrapper, converted[1], tf.TensorSpec([None, None, None, 3], tf.uint8,
                                                           INPUT_NAME))
         for source, target in zip(converted, targets):  # both converted: move them in
-            with _atomic_output(target, overwrite) as out:
+            with atomic_output(target, overwrite) as out:
                 shutil.copyfile(source, out)
     return path
 
