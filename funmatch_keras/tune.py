@@ -43,8 +43,8 @@ AGREEMENT_MIN = 0.995
 KL_MAX = 0.01  # nats, mean over the agreement images; a flip of 0.5% costs far less
 MAX_ROUNDS = 15  # timed rounds at most, when the budget allows more than `steps`
 # Leave the first (untuned) path only for a clear win: candidates within a few percent
-# are a coin toss on shared cores (7 ms CNN steps varied by 10% between identical
-# paths), and a bf16 teacher is not worth its rounding for less.
+# are a coin toss on shared cores (7 ms CNN steps of identical paths measured 5%
+# apart), and a bf16 teacher is not worth its rounding for less.
 MIN_SPEEDUP = 1.05
 
 
