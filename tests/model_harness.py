@@ -24,9 +24,10 @@ model, whatever its family:
 The Distiller step runs last, as it freezes the model it is given. The model
 is freed once both files are written, each file is read back and deleted in
 turn, and weights are compared by digest, so at most two copies of a model
-live at once and the disk holds at most one: the 936M-parameter BiT-R152x4
-fits in CI's memory and disk. `run_model_spec_test_in_subprocess` runs it all in a
-fresh process, which gives the memory back when it ends.
+are live at once and the disk holds at most one. TensorFlow does not give a
+freed model's memory back, though (BiT-R152x4 still peaks at 20 GB), so
+`run_model_spec_test_in_subprocess` runs it all in a fresh process, whose
+memory is returned when it ends.
 """
 
 from __future__ import annotations
