@@ -16,8 +16,9 @@ demo: $(STAMP)
 
 # Two workers (pytest-xdist; tests sharing a module fixture stay together):
 # CI has 2 cores, and many tests wait on subprocesses or trace graphs on one.
+# The 20 slowest tests are listed, to keep an eye on CI's 30 minutes.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20
 
 clean:
 	rm -rf $(VENV) demo_out
