@@ -194,8 +194,7 @@ def run_model_spec_test_in_subprocess(spec: str, tmp_path, timeout_s: float = 90
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
         [sys.executable, "-m", "tests.model_harness", spec, str(tmp_path)], cwd=root,
-        capture_output=True, text=True, timeout=timeout_s,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        capture_output=True, text=True, timeout=timeout_s)
     assert result.returncode == 0, f"{spec}: exit {result.returncode}\n{result.stderr[-4000:]}"
 
 

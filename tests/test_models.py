@@ -624,14 +624,14 @@ def _family(spec: str) -> str:
     return re.split(r"[_:]", spec)[0]  # "bit", "cnn"
 
 
-def _spec_marks(spec):
+def _spec_marks(spec) -> tuple:
     if spec in FAST_SPECS:
         return ()
     if spec in TOO_BIG_FOR_CI:
         return (pytest.mark.slow, pytest.mark.heavy)
     if spec in BIG_SPECS:
         return (pytest.mark.slow, pytest.mark.xdist_group("big_model_specs"))
-    return pytest.mark.slow
+    return (pytest.mark.slow,)
 
 
 @pytest.mark.parametrize("spec", [
@@ -653,9 +653,5 @@ def test_every_model_family_has_a_spec_in_ci():
 
 def test_every_model_spec_but_the_largest_runs_in_ci():
     heavy = {spec for spec in models.list_models()
-             if any(mark.name == "heavy" for mark in _marks(_spec_marks(spec)))}
+             if any(mark.name == "heavy" for mark in _spec_marks(spec))}
     assert heavy == set(TOO_BIG_FOR_CI)
-
-
-def _marks(marks):
-    return marks if isinstance(marks, tuple) else (marks,)
