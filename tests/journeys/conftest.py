@@ -1,0 +1,79 @@
+"""Journeys: each test walks one path a user walks, as the user walks it.
+
+Every step runs in a fresh interpreter (the `funmatch` command, or a Python script of
+the README's code), so a class that only one process registered, a file that only
+one command wrote, or a state that only one worker holds shows up as it would for a
+user. The assertions are what a user would check: exit codes, files, the numbers in
+`report.json`, a loaded model's predictions.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Variables a journey must not inherit from the test process or the developer's shell.
+_SCRUBBED = ("TF_CONFIG", "XLA_FLAGS", "FUNMATCH_DISTRIBUTE", "KERAS_BACKEND")
+
+
+def fresh_env(**extra: str) -> dict[str, str]:
+    """The environment of a new shell with the checkout importable."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["KERAS_BACKEND"] = "tensorflow"
+    env.update(extra)
+    return env
+
+
+def _explain(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}" \
+           f"\n--- stderr ---\n{result.stderr[-6000:]}"
+
+
+class Shell:
+    """Runs the commands of one journey, each in a fresh process, in one folder."""
+
+    def __init__(self, cwd: Path):
+        self.cwd = cwd
+
+    def funmatch(self, *args: str, expect: int = 0, timeout: float = 600,
+                 **env: str) -> subprocess.CompletedProcess:
+        """`funmatch ARGS` (the installed command's entry point); asserts its exit code."""
+        return self.run([sys.executable, "-m", "funmatch_keras.cli", *args],
+                        expect=expect, timeout=timeout, **env)
+
+    def python(self, code: str, expect: int = 0, timeout: float = 600,
+               **env: str) -> subprocess.CompletedProcess:
+        """Runs a Python script (the README's code) in a fresh interpreter."""
+        script = self.cwd / f"script_{abs(hash(code))}.py"
+        script.write_text(textwrap.dedent(code))
+        return self.run([sys.executable, str(script)], expect=expect, timeout=timeout, **env)
+
+    def run(self, command: list[str], expect: int | None = 0, timeout: float = 600,
+            **env: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=self.cwd, env=fresh_env(**env),
+                                capture_output=True, text=True, timeout=timeout,
+                                stdin=subprocess.DEVNULL)
+        if expect is not None:
+            assert result.returncode == expect, _explain(result)
+        return result
+
+
+@pytest.fixture
+def shell(tmp_path: Path) -> Shell:
+    """A user's shell in a fresh folder."""
+    return Shell(tmp_path)
+
+
+@pytest.fixture
+def explain() -> Callable[[subprocess.CompletedProcess], str]:
+    return _explain
