@@ -53,6 +53,12 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__) | _SUBMODULES)
 
 
+# Keras finds the classes that `.keras` files name (StdConv2D, Shampoo, …) only once
+# their modules ran: they are imported now if Keras is loaded, else as soon as it is.
+from funmatch_keras import keras_objects as _keras_objects  # noqa: E402
+
+_keras_objects.register_when_keras_loads()
+
 if _typing.TYPE_CHECKING:  # Static analyzers and IDEs see the eager imports.
     from funmatch_keras import (augment, compat, configs, data, distribute, export, file_sources,
                                 losses, models, optim, recipe, sources, stream,

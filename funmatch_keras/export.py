@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from funmatch_keras import augment
+from funmatch_keras.models import save_keras_file
 from funmatch_keras.verify import INPUT_NAME, format_report, iter_images, verify  # noqa: F401
 
 TFLITE_MODES = ("fp32", "fp16", "dynamic", "int8")
@@ -69,7 +70,7 @@ def to_keras(model: keras.Model, path: str | os.PathLike,
     if path.suffix != ".keras":
         raise ValueError(f"The path must end in `.keras`. Received: path={path}")
     with atomic_output(path, overwrite) as tmp:
-        model.save(tmp)
+        save_keras_file(model, tmp)
     return path
 
 

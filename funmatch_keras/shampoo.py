@@ -56,7 +56,8 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-from funmatch_keras.matrix_roots import ROOT_METHODS, matrix_inverse_root
+# A module import, not names: see keras_objects (this module registers a class).
+from funmatch_keras import matrix_roots
 
 class BlockLayout(NamedTuple):
     """How a variable is seen as a `rows × cols` matrix cut into `nr × nc` blocks."""
@@ -177,8 +178,8 @@ class Shampoo(keras.optimizers.Optimizer):
         if not matrix_epsilon >= 0.0:
             raise ValueError(
                 f"`matrix_epsilon` must be >= 0. Received: matrix_epsilon={matrix_epsilon}")
-        if root_method not in ROOT_METHODS:
-            raise ValueError(f"`root_method` must be one of {ROOT_METHODS}. "
+        if root_method not in matrix_roots.ROOT_METHODS:
+            raise ValueError(f"`root_method` must be one of {matrix_roots.ROOT_METHODS}. "
                              f"Received: root_method={root_method!r}")
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.beta1, self.beta2 = float(beta1), float(beta2)
@@ -307,7 +308,8 @@ class Shampoo(keras.optimizers.Optimizer):
     def _safe_root(self, statistics, previous):
         # Exponent −1/(2·rank) = −1/4 for the matrix view. A block without
         # gradient yet (all zeros), or a failed root, keeps the previous root.
-        root = matrix_inverse_root(statistics, 0.25, self.matrix_epsilon, self.root_method)
+        root = matrix_roots.matrix_inverse_root(statistics, 0.25, self.matrix_epsilon,
+                                                self.root_method)
         finite = ops.all(ops.isfinite(root), axis=(-2, -1), keepdims=True)
         return ops.where(finite, root, previous)
 

@@ -27,6 +27,7 @@ from absl import logging
 from funmatch_keras import (build, configs, data, distribute, loop, steplog, workdir as workdirs,
                             workdir_lock)
 from funmatch_keras.configs import TeacherSpec
+from funmatch_keras.schedules import BitHyperRuleSchedule
 
 # A teacher trained here with labels sees milder crops than the student: labels
 # no longer describe a crop of a few percent of the image (unlike the teacher's
@@ -36,7 +37,6 @@ TEACHER_CROP_AREA_MIN = 0.5
 BIT_BASE_LR = 0.003  # per 512 examples
 BIT_MOMENTUM = 0.9
 BIT_WARMUP_STEPS = 500
-BIT_DECAY_POINTS = (0.3, 0.6, 0.9)
 
 
 def bit_hyperrule_steps(num_examples: int) -> int:
@@ -51,31 +51,6 @@ def bit_hyperrule_steps(num_examples: int) -> int:
     if num_examples < 500_000:
         return 10_000
     return 20_000
-
-
-@keras.saving.register_keras_serializable(package="funmatch_keras")
-class BitHyperRuleSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to `lr`, then ÷10 at 30%, 60% and 90% of `total_steps`.
-
-    Example:
-    >>> schedule = BitHyperRuleSchedule(0.003, total_steps=1000, warmup_steps=100)
-    >>> [round(float(schedule(s)), 6) for s in (50, 200, 400, 700, 950)]
-    [0.0015, 0.003, 0.0003, 3e-05, 3e-06]
-    """
-
-    def __init__(self, lr: float, total_steps: int, warmup_steps: int):
-        self.lr, self.total_steps, self.warmup_steps = lr, total_steps, warmup_steps
-
-    def __call__(self, step):
-        step = keras.ops.cast(step, "float32")
-        warmup = keras.ops.minimum(1.0, (step + 0.0) / max(self.warmup_steps, 1))
-        decays = sum(keras.ops.cast(step >= point * self.total_steps, "float32")
-                     for point in BIT_DECAY_POINTS)
-        return self.lr * warmup * keras.ops.power(0.1, decays)
-
-    def get_config(self):
-        return {"lr": self.lr, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps}
 
 
 def bit_hyperrule_optimizer(batch_size: int, total_steps: int) -> keras.optimizers.SGD:

@@ -28,6 +28,7 @@ import keras
 import ml_collections
 
 from funmatch_keras import atomic, configs
+from funmatch_keras.models import save_keras_file
 from funmatch_keras.steplog import read_metrics  # noqa: F401  (part of the layout API)
 
 CONFIG_FILE = "config.json"
@@ -195,8 +196,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def save_model(model: keras.Model, path: str) -> str:
-    """`model.save(path)`, atomically."""
-    return atomic.atomic_write(path, model.save)
+    """`models.save_keras_file(model, path)` (no optimizer), atomically."""
+    return atomic.atomic_write(path, lambda tmp: save_keras_file(model, tmp))
 
 
 # ------------------------------------------------------------------ metrics

@@ -21,7 +21,7 @@ from funmatch_keras.models.bit_weights import load_bit_npz, load_timm_bit, save_
 from funmatch_keras.models.checks import check_teacher
 from funmatch_keras.models.cnn import small_cnn
 from funmatch_keras.models.weights import load_weights
-from funmatch_keras.models.zoo import build, list_models, load_keras_file
+from funmatch_keras.models.zoo import build, list_models, load_keras_file, save_keras_file
 
 __all__ = [
     "StdConv2D",
@@ -42,5 +42,6 @@ __all__ = [
     "load_timm_bit",
     "load_weights",
     "save_bit_npz",
+    "save_keras_file",
     "small_cnn",
 ]

@@ -151,15 +151,41 @@ def load_keras_file(path: str | os.PathLike) -> keras.Model:
            "writes; an interrupted copy or save leaves it incomplete).")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{corrupt} (not a complete zip archive). {fix}")
-    import funmatch_keras.models  # noqa: F401  (registers StdConv2D for safe_mode)
-
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        # compile=False: an optimizer the file may hold is training state, not the model.
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
     except (zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{corrupt} ({type(error).__name__}: {error}). {fix}") from error
     except Exception:
         _check_keras_hub_importable(path)  # a keras-hub model needs the [hub] extra
         raise
+
+
+def save_keras_file(model: keras.Model, path: str | os.PathLike) -> None:
+    """Saves `model` to a `.keras` file for inference: architecture and weights only.
+
+    A compiled model's optimizer (a schedule, Adam's moments, Shampoo's statistics)
+    is training state: it would triple the file of a BiT student, and a file that
+    names it needs the optimizer's classes to load. Resumable training state lives
+    in checkpoints instead.
+
+    Example:
+    >>> import tempfile
+    >>> from funmatch_keras.models import small_cnn
+    >>> model = small_cnn([4], num_classes=3, image_size=16)
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.keras")
+    >>> save_keras_file(model, path)
+    >>> with zipfile.ZipFile(path) as archive:
+    ...     b"optimizer" in archive.read("config.json"), model.optimizer is not None
+    (False, True)
+    """
+    optimizer, compiled = getattr(model, "optimizer", None), getattr(model, "compiled", False)
+    model.optimizer, model.compiled = None, False  # Keras 3's save has no include_optimizer
+    try:
+        model.save(os.fspath(path))
+    finally:
+        model.optimizer, model.compiled = optimizer, compiled
 
 
 def _check_keras_hub_importable(path: str) -> None:
