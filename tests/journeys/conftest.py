@@ -77,3 +77,25 @@ def shell(tmp_path: Path) -> Shell:
 @pytest.fixture
 def explain() -> Callable[[subprocess.CompletedProcess], str]:
     return _explain
+
+
+class Readme:
+    """The README's command blocks, so that a README that drifts from the code fails."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def commands_after(self, marker: str) -> list[list[str]]:
+        """The commands of the first ```bash block after the line holding `marker`."""
+        import shlex
+
+        start = self.text.index(marker)
+        block = self.text.index("```bash\n", start) + len("```bash\n")
+        body = self.text[block:self.text.index("```", block)]
+        return [shlex.split(line, comments=True)
+                for line in body.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def readme() -> Readme:
+    return Readme((REPO / "README.md").read_text())
