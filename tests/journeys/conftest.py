@@ -99,3 +99,20 @@ class Readme:
 @pytest.fixture(scope="session")
 def readme() -> Readme:
     return Readme((REPO / "README.md").read_text())
+
+
+def _funmatch_commands(text: str) -> list[list[str]]:
+    import shlex
+
+    commands = []
+    for block in text.split("```bash\n")[1:]:
+        body = block.split("```", 1)[0].replace("\\\n", " ")
+        commands += [shlex.split(line, comments=True) for line in body.splitlines()
+                     if line.strip().startswith("funmatch ")]
+    return commands
+
+
+@pytest.fixture(scope="session")
+def readme_funmatch_commands(readme) -> list[list[str]]:
+    """Every `funmatch ...` command of the README's bash blocks, split as a shell would."""
+    return _funmatch_commands(readme.text)
