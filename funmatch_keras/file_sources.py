@@ -113,6 +113,7 @@ def tfrecord_source(
     else:
         check_num_classes(num_classes, "num_classes says the task has",
                           "pass the task's number of classes")
+
     def source(file_ids: np.ndarray, name: str) -> Source:
         def make_dataset():
             def parse(index, record):
