@@ -152,13 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Separates `--config.FIELD=VALUE` overrides from the other flags."""
+    """Separates `--config.FIELD=VALUE` overrides from the other flags.
+
+    An override without `=` is bad input (exit 2); the message writes the fix.
+    """
     rest, overrides = [], {}
-    for arg in argv:
+    for position, arg in enumerate(argv):
         if arg.startswith("--config."):
             key, sep, value = arg[len("--config."):].partition("=")
             if not sep:
-                raise SystemExit(f"funmatch: error: write overrides as --config.{key}=VALUE")
+                following = argv[position + 1] if position + 1 < len(argv) else ""
+                value = following if following and not following.startswith("-") else "VALUE"
+                print(f"funmatch: error: {arg} has no value: write it with '=', as "
+                      f"--config.{key}={value}", file=sys.stderr)
+                raise SystemExit(EXIT_BAD_INPUT)
             overrides[key] = value
         else:
             rest.append(arg)

@@ -52,8 +52,6 @@ def decision(config: ml_collections.ConfigDict, total_steps: int, num_replicas: 
             return default, "set in the config"
     if config.mode == "fixed_teacher":
         return default, "fixed teacher: its logits are computed once, not per step"
-    if resumed:
-        return default, f"resumed run without {PATH_FILE} (written before it existed)"
     if num_replicas > 1:
         return default, f"not tuned on {num_replicas} replicas"
     needed = (min(len(_candidates(config)), MIN_CANDIDATES)
@@ -62,6 +60,10 @@ def decision(config: ml_collections.ConfigDict, total_steps: int, num_replicas: 
         return default, (f"run too short to tune: teacher_path_budget "
                          f"{config.teacher_path_budget:g} of {total_steps} steps is "
                          f"{config.teacher_path_budget * total_steps:.3g}, tuning takes {needed}")
+    # Only a run that tunes writes the file: the reasons above hold on resume as well.
+    if resumed:
+        return default, (f"resumed run without {PATH_FILE}: its workdir was written "
+                         "before runs kept their tuned path")
     return None, "tuned"
 
 

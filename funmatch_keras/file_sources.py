@@ -8,13 +8,14 @@ order or sharding.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
 import numpy as np
 import tensorflow as tf
 
-from funmatch_keras.sources import Source
+from funmatch_keras.sources import Source, check_num_classes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _MAX_LISTED = 20
@@ -105,6 +106,13 @@ def tfrecord_source(
         max_label = labels.reduce(tf.constant(-1, tf.int64),
                                   lambda m, x: tf.maximum(m, tf.reduce_max(x)))
         num_classes = int(max_label) + 1
+        check_num_classes(num_classes, f"The labels of {pattern!r} (largest "
+                          f"{int(max_label)}) have", "pass num_classes=<the task's number "
+                          "of classes> when these records hold only some of them, else "
+                          "records of at least 2 classes")
+    else:
+        check_num_classes(num_classes, "num_classes says the task has",
+                          "pass the task's number of classes")
 
     def source(file_ids: np.ndarray, name: str) -> Source:
         def make_dataset():
@@ -123,9 +131,35 @@ def tfrecord_source(
             make_dataset=make_dataset,
             num_files=len(file_ids),
             shard_by_file=lambda n, i: source(file_ids[i::n], f"{name}[{i}::{n}]"),
+            make_fingerprint=lambda: files_fingerprint([files[i] for i in file_ids]),
         )
 
     return source(np.arange(len(files)), f"tfrecord:{pattern}")
+
+
+def files_fingerprint(paths, root: str = "") -> str:
+    """A digest of the files' paths (relative to `root`), sizes and modification times.
+
+    In order: moving, adding, removing or rewriting a file changes it (one
+    `stat` a file; the same files under another `root` give the same digest).
+
+    Example:
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> with open(os.path.join(root, "a.jpg"), "wb") as f:
+    ...     _ = f.write(b"x")
+    >>> before = files_fingerprint([os.path.join(root, "a.jpg")], root)
+    >>> os.makedirs(os.path.join(root, "b"))
+    >>> os.rename(os.path.join(root, "a.jpg"), os.path.join(root, "b", "a.jpg"))
+    >>> before == files_fingerprint([os.path.join(root, "b", "a.jpg")], root)
+    False
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = tf.io.gfile.stat(path)
+        name = os.path.relpath(path, root) if root else path
+        digest.update(f"{name}\0{stat.length}\0{stat.mtime_nsec}\n".encode())
+    return digest.hexdigest()
 
 
 def _op_message(error: tf.errors.OpError) -> str:
@@ -208,8 +242,14 @@ def folder_source(root: str) -> Source:
     >>> src.num_classes  # doctest: +SKIP
     5
     """
-    if not tf.io.gfile.isdir(root):
+    layout = (f"one sub-folder per class holding its images, e.g. {root}/<class_name>/"
+              f"1.jpg ({', '.join(IMAGE_EXTENSIONS)})")
+    if not tf.io.gfile.exists(root):
         raise ValueError(f"Image folder {root!r} does not exist.")
+    if not tf.io.gfile.isdir(root):
+        raise ValueError(
+            f"{root!r} is a file, not a folder: pass the folder above the class folders, "
+            f"which holds {layout}.")
     classes = sorted(
         d.rstrip("/") for d in tf.io.gfile.listdir(root)
         if tf.io.gfile.isdir(os.path.join(root, d))
@@ -225,6 +265,8 @@ def folder_source(root: str) -> Source:
         raise ValueError(
             f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}/<class>/."
         )
+    check_num_classes(len(classes), f"The image folder {root!r} ({', '.join(classes)}) has",
+                      f"it must hold {layout}, at least 2 class folders")
     paths, labels = np.array(paths), np.array(labels, np.int32)
 
     def source(ids: np.ndarray, name: str) -> Source:
@@ -242,6 +284,7 @@ def folder_source(root: str) -> Source:
             make_dataset=make_dataset,
             num_files=len(ids),
             shard_by_file=lambda n, i: source(ids[i::n], f"{name}[{i}::{n}]"),
+            make_fingerprint=lambda: files_fingerprint(paths[ids], root),
         )
 
     return source(np.arange(len(paths), dtype=np.int64), f"folder:{root}")

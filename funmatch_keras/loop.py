@@ -47,6 +47,8 @@ def fit_resumably(
     `fit` runs over virtual epochs of `log_every_steps` steps, aligned on the
     global step, so Keras's epoch end (metrics read, callbacks, validation) is
     the log step, whatever the dataset's epoch length (2 steps on Flowers102).
+    With `verbose`, each interval's bar is headed by the run's epoch and steps
+    (`RunProgress`), not by Keras's count of intervals.
     A start in the middle of an interval first finishes that interval; a total
     that is not a multiple of it ends with a short one. Each `fit` call gets
     `make_dataset(step)` cut to its length, so `steps_per_execution > 1` never
@@ -83,21 +85,64 @@ def fit_resumably(
         raise ValueError(f"`log_every_steps` ({interval}) must be a multiple of the model's "
                          f"steps_per_execution ({per_call}).")
     step = start_step
+    progress = RunProgress(steps_per_epoch, epochs)
     for begin, end in _intervals(start_step, total, interval):
         if should_stop():
             break
         length = min(end - begin, interval)
         before = global_step(model.optimizer)
+        progress.fit_starts(begin, begin // interval)
         model.fit(_first_steps(make_dataset(begin), end - begin, per_call),
                   initial_epoch=begin // interval,
                   epochs=begin // interval + (end - begin) // length,
-                  steps_per_epoch=length, callbacks=list(callbacks),
+                  steps_per_epoch=length, callbacks=[progress, *callbacks],
                   shuffle=False,  # the pipelines shuffle; Keras would warn otherwise
                   **fit_kwargs)
         step = begin + global_step(model.optimizer) - before
         if model.stop_training:  # a NaN or a signal
             break
     return step
+
+
+class RunProgress(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar, headed by the run's epochs and steps.
+
+    `fit_resumably`'s `fit` calls count log intervals as their epochs, so
+    Keras's own header read "Epoch 1/10" in a 20-epoch run, and "11/11" after a
+    resume. This one says where the interval lies in the whole run.
+
+    Example:
+    >>> progress = RunProgress(steps_per_epoch=10, epochs=20)
+    >>> progress.fit_starts(step=15, initial_epoch=3)
+    >>> progress.target = 5  # Keras sets it: the steps of one interval
+    >>> progress.header(epoch=4)
+    'Epoch 3/20, steps 21-25 of 200'
+    """
+
+    def __init__(self, steps_per_epoch: int, epochs: int):
+        super().__init__()
+        self.steps_per_epoch, self.total_epochs = steps_per_epoch, epochs
+        self._begin, self._initial_epoch = 0, 0
+
+    def fit_starts(self, step: int, initial_epoch: int) -> None:
+        """The global step and Keras epoch at which the next `fit` call starts."""
+        self._begin, self._initial_epoch = step, initial_epoch
+
+    def header(self, epoch: int) -> str:
+        """The line above the bar of Keras epoch `epoch` (a log interval)."""
+        first = self._begin + (epoch - self._initial_epoch) * self.target
+        last = first + self.target  # 1-based: steps first + 1 .. last
+        epochs = [first // self.steps_per_epoch + 1, (last - 1) // self.steps_per_epoch + 1]
+        which = (f"Epoch {epochs[0]}" if epochs[0] == epochs[1] else
+                 f"Epochs {epochs[0]}-{epochs[1]}")
+        steps = f"step {last}" if last == first + 1 else f"steps {first + 1}-{last}"
+        return f"{which}/{self.total_epochs}, {steps} of {self.steps_per_epoch * self.total_epochs}"
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs = 1  # Keras prints its "Epoch k/N" only when N > 1
+        super().on_epoch_begin(epoch, logs)
+        if self.verbose:
+            print(self.header(epoch), flush=True)
 
 
 def _intervals(start: int, total: int, interval: int) -> list[tuple[int, int]]:

@@ -41,6 +41,8 @@ class Source:
         num_files: int. Files the examples are read from (0: not file based).
         shard_by_file: callable `(num_shards, shard_index) -> Source` reading
             only that shard's files (see `shard`), or None.
+        make_fingerprint: callable returning a digest of the examples' identity
+            (see `fingerprint`), or None: the name is one (it hashes the arrays).
     """
 
     name: str
@@ -51,6 +53,22 @@ class Source:
     num_files: int = 0
     shard_by_file: Callable[[int, int], "Source"] | None = dataclasses.field(
         default=None, repr=False)
+    make_fingerprint: Callable[[], str] | None = dataclasses.field(default=None, repr=False)
+
+    def fingerprint(self) -> str:
+        """A digest that changes whenever an example is added, removed, moved or rewritten.
+
+        The key of cached teacher logits (`teacher_cache`): an image folder hashes
+        its files' relative paths, sizes and modification times, TFRecord shards
+        their paths, sizes and times, a tfds split its dataset, split and version,
+        and arrays their bytes (in the name).
+
+        Example:
+        >>> src = array_source(np.zeros([2, 4, 4], np.uint8), [0, 1])
+        >>> src.fingerprint() == src.name
+        True
+        """
+        return self.name if self.make_fingerprint is None else self.make_fingerprint()
 
     def dataset(self) -> tf.data.Dataset:
         """Examples as `{"image", "label": int32, "index": int64}`, labels checked.
@@ -115,6 +133,7 @@ class Source:
             num_classes=self.num_classes,
             encoded=self.encoded,
             make_dataset=make_dataset,
+            make_fingerprint=lambda: f"{self.fingerprint()}[{shard_index}::{num_shards}]",
         )
 
     def _indexed(self) -> tf.data.Dataset:
@@ -177,6 +196,9 @@ def tfds_source(
         except AssertionError as e:  # tfds's "could not find data" error.
             raise FileNotFoundError(_not_prepared_message(tfds_name, builder)) from e
 
+    num_classes = check_num_classes(
+        builder.info.features["label"].num_classes, f"The tfds dataset {tfds_name!r} has",
+        "pick a dataset whose `label` feature has at least 2 classes")
     ds = make_dataset()
     num_examples = int(ds.cardinality())
     if num_examples < 0:
@@ -186,10 +208,27 @@ def tfds_source(
     return Source(
         name=f"{name_or_preset}:{split}",
         num_examples=num_examples,
-        num_classes=builder.info.features["label"].num_classes,
+        num_classes=num_classes,
         encoded=True,
         make_dataset=make_dataset,
+        make_fingerprint=lambda: f"tfds:{tfds_name}:{split}:{builder.info.version}",
     )
+
+
+def check_num_classes(num_classes: int, what: str, fix: str) -> int:
+    """`num_classes`, or a ValueError saying that `what` has fewer than 2 classes, and `fix`.
+
+    Example:
+    >>> check_num_classes(1, "The labels have", "pass num_classes=10")
+    Traceback (most recent call last):
+    ...
+    ValueError: The labels have 1 class, but distillation needs at least 2 ...
+    """
+    if num_classes < 2:
+        raise ValueError(
+            f"{what} {num_classes} class{'es' * (num_classes != 1)}, but distillation needs at "
+            f"least 2 (the softmax of a single class is always 1: nothing to learn): {fix}.")
+    return num_classes
 
 
 def _not_prepared_message(tfds_name: str, builder) -> str:
@@ -266,7 +305,13 @@ def array_source(
     if labels.shape != (len(images),):
         raise ValueError(f"Expected labels of shape ({len(images)},). "
                          f"Received: labels.shape={labels.shape}")
+    if num_classes is not None:
+        check_num_classes(num_classes, "num_classes says the task has",
+                          "pass the task's number of classes")
     labels, num_classes = array_checks.class_indices(labels, num_classes)
+    check_num_classes(num_classes, f"The labels (largest {int(labels.max())}) have", (
+        "pass num_classes=<the task's number of classes> when these images hold only "
+        "some of them (e.g. a small validation set), else labels of at least 2 classes"))
     images = array_checks.pixels_0_255(
         images, array_checks.stated_range(images.dtype, value_range, in_max))
 

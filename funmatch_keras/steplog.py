@@ -205,8 +205,8 @@ def progress_output(total_steps: int, verbose: int) -> tuple[int, int]:
     """`(fit_verbose, logger_verbose)`: Keras's bar for a short run, our line for a long one.
 
     A short run (at most `SHORT_RUN_STEPS` steps: smoke runs, quick
-    experiments) shows Keras's own progress bar, one per log interval (Keras
-    counts the log intervals as its epochs); a longer one prints
+    experiments) shows Keras's own progress bar, one per log interval, headed
+    by the run's epoch and steps (`loop.RunProgress`); a longer one prints
     `progress_line` once per log interval instead, with the ETA of the whole
     run, which a bar over one interval cannot give.
 

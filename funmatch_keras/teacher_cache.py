@@ -4,8 +4,9 @@ The paper's "fixed teacher" baseline trains the student on the teacher's
 logits for the eval view of each image, computed once. `teacher_logits`
 returns them as an array for `data.train_pipeline(..., mode="fixed_teacher",
 teacher_logits=...)`, and stores them in `cache_dir` under a key of the
-teacher's weights, the input size and the source, so a rerun reads them back
-and a different teacher never reads stale ones.
+teacher's weights, the input size and the examples (`Source.fingerprint`), so
+a rerun reads them back, and neither a different teacher nor changed examples
+(an image moved to another class folder) ever read stale ones.
 
 Reference: Beyer et al., "Knowledge distillation: A good teacher is patient and
 consistent", CVPR 2022 (arXiv 2106.05237), Sec. 3.
@@ -41,7 +42,7 @@ def teacher_logits(
     """The teacher's logits on every example's eval view, computed once and cached.
 
     The cache file `<cache_dir>/teacher_logits_<key>.npy` is keyed by the
-    teacher's weights, `size` and the source (its name and size). Rows of
+    teacher's weights, `size` and the examples (`source.fingerprint()`). Rows of
     corrupt examples are zero (they are skipped in training).
 
     Args:
@@ -116,14 +117,15 @@ def cache_path(source: Source, teacher: Any, size: int, cache_dir: str) -> str:
 
 
 def _teacher_key(source: Source, teacher: Any, size: int) -> str:
-    """Hash of the teacher's weights, the input size and the source identity."""
+    """Hash of the teacher's weights, the input size and the examples (`Source.fingerprint`)."""
     weights = getattr(teacher, "weights", None)
     if not weights:
         raise ValueError(
             "fixed_teacher caches logits under a hash of the teacher's weights, but "
             f"the teacher has none. Received: teacher={teacher!r}")
+    # The fingerprint, not the name: a folder whose images moved keeps its name.
     digest = hashlib.sha256(
-        f"{_KEY_VERSION}|{source.name}|{source.num_examples}|{size}".encode())
+        f"{_KEY_VERSION}|{source.fingerprint()}|{source.num_examples}|{size}".encode())
     for weight in weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
         digest.update(f"{value.shape}{value.dtype}".encode())

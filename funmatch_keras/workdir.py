@@ -1,7 +1,8 @@
 """A run's workdir: its layout, its config, metrics logging, the report and its plot.
 
 Layout (`funmatch distill`; `train-teacher` and `demo` write parts of it):
-    config.json             the run's config; a different config is refused
+    config.json             the run's config; a different one is refused (but for
+                            `configs.RESUMABLE_CHANGES`)
     checkpoints/            student + optimizer state (atomic, last k kept)
     teacher.keras           a teacher trained with labels when no teacher file is
                             given (teacher-<i>.keras for the i-th of an ensemble)
@@ -73,6 +74,9 @@ REPLACED_PREFIX = ".replaced-"
 def prepare(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
     """Creates the workdir and stores the config; refuses a workdir of another config.
 
+    A resume may change the fields of `configs.RESUMABLE_CHANGES` (cadences,
+    checkpoints kept, evaluation batch size): it says so, and stores the new config.
+
     With `overwrite`, the run starts from nothing: the previous run's entries
     (`RUN_ENTRIES`: config, checkpoints, trained teachers, cached logits,
     student, metrics, report) are first moved into `<workdir>/.replaced-<time>/`,
@@ -104,14 +108,21 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) ->
         _replace_previous_run(workdir, config)
     elif os.path.exists(path):
         changes = configs.diff(read_config(workdir), config)
-        if changes:
+        refused = {k: v for k, v in changes.items() if k not in configs.RESUMABLE_CHANGES}
+        if refused:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in
-                               sorted(changes.items())[:8])
+                               sorted(refused.items())[:8])
             raise ValueError(
                 f"The workdir {workdir!r} holds a run of a different config ({listed}). "
                 "Use a new --workdir, or pass --overwrite to delete that run (checkpoints, "
-                "trained teacher, logs, report) and start this config there from nothing."
-            )
+                "trained teacher, logs, report) and start this config there from nothing. "
+                "(A resume may change only "
+                f"{', '.join(sorted(configs.RESUMABLE_CHANGES))}.)")
+        if changes:
+            # Always said: the stored config changes under a resumed run.
+            print("Resuming with changed fields: " + ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changes.items()))
+                + f" (none changes what is trained; {CONFIG_FILE} updated).", flush=True)
     atomic.write_text(path, configs.to_json(config))
 
 

@@ -3,6 +3,7 @@
 The commands themselves run in test_demo.py, test_train.py and test_distribute.py.
 """
 
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ HELP_ARGVS = [["--help"]] + [
     for command in ("demo", "distill", "train-teacher", "evaluate", "export")
 ]
 HEAVY = ("tensorflow", "keras", "jax")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs `cli.main(argv)` for every help argv in one fresh interpreter and prints
 # the heavy top-level modules that got imported. `{stub}` replaces the package's
@@ -60,3 +62,22 @@ def test_a_full_disk_exits_with_its_own_code(monkeypatch, capsys, tmp_path):
     code = cli.main(["distill", "--config=digits:smoke=True", f"--workdir={tmp_path}"])
     assert code == cli.EXIT_NO_SPACE == 5
     assert "No space left to write checkpoint 6" in capsys.readouterr().err
+
+
+def _funmatch(*args: str, cwd) -> subprocess.CompletedProcess:
+    """`funmatch ARGS` in a fresh interpreter that imports this checkout."""
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "funmatch_keras.cli", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_an_override_without_equals_exits_2_and_writes_the_fix(tmp_path):
+    done = _funmatch("distill", "--config=digits", "--config.epochs", "3",
+                     f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "--config.epochs has no value: write it with '=', as --config.epochs=3" in (
+        done.stderr)
+    assert not (tmp_path / "run").exists()  # nothing was started
+    done = _funmatch("train-teacher", f"--workdir={tmp_path / 'run'}", "--config=digits",
+                     "--config.epochs", cwd=tmp_path)
+    assert done.returncode == 2 and "--config.epochs=VALUE" in done.stderr

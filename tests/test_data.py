@@ -34,6 +34,7 @@ def test_resume_is_exact_with_corrupt_images(tmp_path):
 
 def test_source_of_only_corrupt_images_raises(tmp_path):
     (tmp_path / "c").mkdir()
+    (tmp_path / "d").mkdir()  # a second class: one-class data is refused
     for i in range(3):
         (tmp_path / "c" / f"{i}.jpg").write_bytes(b"garbage")
     src = file_sources.folder_source(str(tmp_path))
@@ -71,7 +72,7 @@ def test_independent_mode_gives_two_crops_of_the_same_example():
     images = np.zeros([n, h, w, 3], np.uint8)
     images[..., 0] = (np.arange(n) * 30)[:, None, None]
     images[..., 1] = np.linspace(0, 255, h * w).reshape(h, w).astype(np.uint8)
-    src = sources.array_source(images, np.zeros(n, int))
+    src = sources.array_source(images, np.zeros(n, int), num_classes=2)
     (batch,) = take(data.train_pipeline(src, mode="independent", batch_size=8,
                                         student_size=SIZE, seed=3), 1)
     s, t = batch["student"], batch["teacher"]
@@ -86,7 +87,7 @@ def test_cross_resolution_views_share_one_crop():
     yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
     smooth = np.stack([255 * yy, 255 * xx, 255 * yy * xx], -1).astype(np.uint8)
     images = np.stack([smooth, smooth[::-1], smooth[:, ::-1], smooth[::-1, ::-1]])
-    src = sources.array_source(images, np.zeros(4, int))
+    src = sources.array_source(images, np.zeros(4, int), num_classes=2)
     (batch,) = take(data.train_pipeline(
         src, mode="consistent", batch_size=4, student_size=SIZE,
         teacher_size=TEACHER_SIZE, seed=5), 1)
@@ -100,7 +101,7 @@ def test_cross_resolution_views_share_one_crop():
 
 def test_mixup_uses_one_ratio_per_batch_for_both_views():
     values = np.arange(8) * 30 + 10  # Distinct constants: mixing is exactly linear.
-    src = sources.array_source(constant_images(values), np.zeros(8, int))
+    src = sources.array_source(constant_images(values), np.zeros(8, int), num_classes=2)
     kw = dict(batch_size=8, student_size=SIZE, teacher_size=TEACHER_SIZE, seed=11)
     (plain,) = take(data.train_pipeline(src, mode="consistent", **kw), 1)
     (mixed,) = take(data.train_pipeline(src, mode="function_matching", **kw), 1)
@@ -157,7 +158,7 @@ def test_ensemble_teacher_sizes_give_one_view_each_from_one_crop():
 
 def test_fixed_teacher_batches_carry_each_examples_own_logits():
     values = np.arange(8) * 30 + 10  # constant images: the value names the example
-    src = sources.array_source(constant_images(values), np.zeros(8, int))
+    src = sources.array_source(constant_images(values), np.zeros(8, int), num_classes=2)
     # Row i: example i's value and its square, as a teacher's logits would be.
     logits = np.stack([values, values**2], 1).astype(np.float32)
     batches = take(data.train_pipeline(src, mode="fixed_teacher", batch_size=4,
@@ -210,7 +211,7 @@ def test_seeded_pipeline_is_reproducible_and_resumes_at_a_step(
 @pytest.mark.parametrize("shuffle_buffer", [4, 100])
 def test_each_epoch_is_a_seeded_permutation(shuffle_buffer):
     values = np.arange(10) * 20 + 5
-    src = sources.array_source(constant_images(values), np.zeros(10, int))
+    src = sources.array_source(constant_images(values), np.zeros(10, int), num_classes=2)
     kw = dict(mode="consistent", batch_size=10, student_size=SIZE, seed=2,
               shuffle_buffer=shuffle_buffer)
     epochs = take(data.train_pipeline(src, **kw), 2)

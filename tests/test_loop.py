@@ -108,6 +108,25 @@ def test_virtual_epochs_cover_exactly_the_run_from_any_start(start):
     assert seen == [(e, s) for e, s in [(0, 4), (1, 8), (2, 12)] if s > start]
 
 
+@pytest.mark.parametrize("start, spe, epochs, interval, headers", [
+    # A resume mid-interval: Keras's own header read "Epoch 3/6" here (intervals).
+    (5, 4, 3, 2, ["Epoch 2/3, step 6 of 12", "Epoch 2/3, steps 7-8 of 12",
+                  "Epoch 3/3, steps 9-10 of 12", "Epoch 3/3, steps 11-12 of 12"]),
+    # Intervals longer than an epoch, then a short last one: Keras said "Epoch 1/1".
+    (0, 2, 5, 4, ["Epochs 1-2/5, steps 1-4 of 10", "Epochs 3-4/5, steps 5-8 of 10",
+                  "Epoch 5/5, steps 9-10 of 10"]),
+])
+def test_progress_headers_count_the_runs_epochs_and_steps(capsys, start, spe, epochs,
+                                                          interval, headers):
+    model = _model()
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(start)
+    loop.fit_resumably(model, _data, steps_per_epoch=spe, epochs=epochs, start_step=start,
+                       log_every_steps=interval, verbose=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "Epoch" in line]
+    assert lines == headers
+
+
 def test_steps_per_execution_4_logs_checkpoints_and_resumes_exactly(tmp_path):
     def compiled(per_call):
         keras.utils.set_random_seed(0)

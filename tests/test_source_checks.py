@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from funmatch_keras import data, file_sources, sources
-from tests.image_fixtures import arrays, take, write_tfrecords
+from tests.image_fixtures import arrays, jpeg, take, write_tfrecords
 
 SIZE = 8
 
@@ -115,3 +115,37 @@ def test_a_wrong_feature_key_lists_the_keys_found(tmp_path):
         file_sources.tfrecord_source(pattern, label_key="label")
     with pytest.raises(ValueError, match="'class' as an int64 feature.*bytes"):
         file_sources.tfrecord_source(pattern, image_key="class", label_key="class")
+
+
+def test_one_class_data_is_refused_by_every_source(tmp_path):
+    """Configs refuse num_classes < 2; the sources did not: a one-class source trained."""
+    with pytest.raises(ValueError, match=r"labels \(largest 0\) have 1 class.*at least 2"
+                                         r".*pass num_classes="):
+        sources.array_source(arrays(3), [0, 0, 0])
+    with pytest.raises(ValueError, match="num_classes says the task has 1 class"):
+        sources.array_source(arrays(3), [0, 0, 0], num_classes=1)
+    # A validation set holding only some of the classes is fine with the task's count.
+    assert sources.array_source(arrays(3), [0, 0, 0], num_classes=5).num_classes == 5
+    pattern = write_tfrecords(str(tmp_path), arrays(3), [0, 0, 0], shards=1)
+    with pytest.raises(ValueError, match=r"labels of .*train-\*' \(largest 0\) have 1 class"):
+        file_sources.tfrecord_source(pattern)
+    assert file_sources.tfrecord_source(pattern, num_classes=2).num_classes == 2
+    with pytest.raises(ValueError, match="num_classes says the task has 1 class"):
+        file_sources.tfrecord_source(pattern, num_classes=1)
+    root = tmp_path / "folder"
+    (root / "cats").mkdir(parents=True)
+    (root / "cats" / "1.jpg").write_bytes(jpeg(arrays(1)[0]))
+    with pytest.raises(ValueError, match=r"image folder .* \(cats\) has 1 class.*<class_name>"):
+        file_sources.folder_source(str(root))
+    (root / "dogs").mkdir()
+    assert file_sources.folder_source(str(root)).num_classes == 2
+
+
+def test_a_file_given_as_the_folder_root_is_named_a_file(tmp_path):
+    image = tmp_path / "1.jpg"
+    image.write_bytes(jpeg(arrays(1)[0]))
+    with pytest.raises(ValueError, match=r"1.jpg' is a file, not a folder: pass the folder "
+                                         r"above the class folders.*<class_name>/"):
+        file_sources.folder_source(str(image))
+    with pytest.raises(ValueError, match="does not exist"):
+        file_sources.folder_source(str(tmp_path / "missing"))

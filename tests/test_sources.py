@@ -22,6 +22,11 @@ def test_tfds_presets_load_under_mock_data(preset, num_classes, tmp_path):
     with tfds.testing.mock_data(num_examples=6):
         src = sources.tfds_source(preset, "train", data_dir=str(tmp_path))
         assert (src.num_examples, src.num_classes) == (6, num_classes)
+        # The teacher-logit cache key: the data's name, split and version.
+        name = recipe.PRESETS[preset].tfds_name
+        version = tfds.builder(name, data_dir=str(tmp_path)).info.version
+        split = recipe.split_names(preset)["train"]
+        assert src.fingerprint() == f"tfds:{name}:{split}:{version}"
         for role in recipe.SPLIT_ROLES:
             split = sources.tfds_source(preset, role, data_dir=str(tmp_path))
             assert split.num_examples == 6 and split.encoded

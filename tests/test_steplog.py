@@ -196,7 +196,7 @@ def test_a_short_run_keeps_the_keras_progress_bar_and_a_long_one_prints_lines(ca
 
     assert steplog.SHORT_RUN_STEPS == 500
     short = run(4)
-    assert "Epoch 2/2" in short and "loss:" in short  # Keras's bar
+    assert "Epoch 2/2, steps 3-4 of 4" in short and "loss:" in short  # Keras's bar
     assert not [line for line in short.splitlines() if line.startswith("step ")]
     long_run = run(502)  # 251 intervals of 2 steps: one line each
     lines = [line for line in long_run.splitlines() if line.startswith("step ")]

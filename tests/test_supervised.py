@@ -48,4 +48,7 @@ def test_quickstart_example_runs(tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "student_top1" in out.stdout
+    # It runs clean: no "Your input ran out of data" at its end, no Python warning.
+    assert "ran out of data" not in out.stdout + out.stderr
+    assert "Warning:" not in out.stderr
     assert (tmp_path / "quickstart_student.keras").exists()

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import augment, data, sources, teacher_cache
-from tests.image_fixtures import arrays, check_images, jpeg, take
+from funmatch_keras import augment, data, file_sources, sources, teacher_cache
+from tests.image_fixtures import arrays, check_images, jpeg, png, take
 
 SIZE, TEACHER_SIZE = 16, 24
 
@@ -112,3 +112,28 @@ def test_a_teacher_without_weights_is_refused(tmp_path):
     src = sources.array_source(arrays(2), [0, 1])
     with pytest.raises(ValueError, match="has none. Received: teacher="):
         teacher_cache.teacher_logits(src, lambda x, training: x, 8, str(tmp_path))
+
+
+def test_moving_an_image_to_another_class_folder_recomputes_the_logits(tmp_path):
+    """The cache was keyed by the folder's path and image count: an image moved to its
+    right class folder reordered the examples, and the cache gave another image's logits."""
+    root = tmp_path / "images"
+    for i, image in enumerate(arrays(6, 30, 30)):
+        folder = root / ("a" if i < 3 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.png").write_bytes(png(image))
+    teacher = _small_teacher(0)
+
+    def logits(cache):
+        return teacher_cache.teacher_logits(file_sources.folder_source(str(root)), teacher,
+                                            TEACHER_SIZE, str(cache))
+
+    before = logits(tmp_path / "cache")
+    (root / "a" / "0.png").rename(root / "b" / "0.png")  # same count, new order
+    after = logits(tmp_path / "cache")
+    fresh = logits(tmp_path / "fresh")
+    np.testing.assert_array_equal(after, fresh)
+    # Now a/1, a/2, b/0, b/3...: each row follows its image.
+    np.testing.assert_allclose(after[[0, 1, 2]], before[[1, 2, 0]], rtol=0, atol=1e-6)
+    assert len(_cache_files(tmp_path / "cache")) == 2
+    np.testing.assert_array_equal(logits(tmp_path / "cache"), fresh)  # read back

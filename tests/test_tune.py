@@ -223,6 +223,8 @@ def test_decision_without_timing():
     assert decide(config, 3_200, 1, False) == (None, "tuned")
     assert decide(config, 10_000, 2, False)[1] == "not tuned on 2 replicas"
     assert "resumed run without teacher_path.json" in decide(config, 10_000, 1, True)[1]
+    # Short runs never write the file: a resumed one keeps its reason.
+    assert decide(config, 100, 1, True) == (short, why)
     assert decide(_config(teacher_path_budget=0.0), 10**9, 1, False)[0] == tune.default_path()
     fixed = decide(_config(mode="fixed_teacher"), 10_000, 1, False)
     assert fixed[1].startswith("fixed teacher")

@@ -1,6 +1,10 @@
 """workdir.prepare: `--overwrite` starts from nothing, and a crash mid-way loses nothing."""
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -140,3 +144,48 @@ def test_report_png_has_the_training_loss_beside_the_eval_curves(tmp_path):
 
     height, width, _ = matplotlib.image.imread(str(tmp_path / "report.png")).shape
     assert width > 1.5 * height  # two panels side by side
+
+
+def _distill(workdir, *overrides):
+    """`funmatch distill` of a digits smoke run, in a fresh interpreter of this checkout."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", "funmatch_keras.cli", "distill", "--config=digits:smoke=True",
+         f"--workdir={workdir}", *overrides], env=env, capture_output=True, text=True,
+        timeout=600)
+
+
+# Keras's own header, which counted log intervals, not the run's epochs.
+_KERAS_EPOCH_LINE = re.compile(r"^Epoch \d+/\d+$", re.M)
+
+
+@pytest.mark.slow
+def test_a_resume_may_change_cadences_but_not_what_is_trained(tmp_path):
+    workdir = tmp_path / "run"
+    first = _distill(workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Every progress bar is headed by the run's epochs and steps (teacher training too).
+    assert not _KERAS_EPOCH_LINE.search(first.stdout)
+    assert re.search(r"^Epoch 1/1, steps 1-\d+ of \d+$", first.stdout, re.M)  # the teacher
+    assert "Epoch 1/2, step 1 of 4\n" in first.stdout
+    # As if killed after step 2's checkpoint: the rerun resumes mid-run.
+    shutil.rmtree(workdir / "checkpoints" / "ckpt-000000004")
+    resumed = _distill(workdir, "--config.eval_batch_size=8", "--config.keep_checkpoints=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = resumed.stdout
+    assert ("Resuming with changed fields: eval_batch_size 16 -> 8, keep_checkpoints 2 -> 3"
+            in out)
+    assert "Resuming distillation from step 2 of 4" in out
+    assert "Epoch 2/2, step 3 of 4\n" in out and "Epoch 2/2, step 4 of 4\n" in out
+    assert not _KERAS_EPOCH_LINE.search(out) and "Epoch 1/2" not in out
+    # A run too short to tune never wrote teacher_path.json, and says so on resume too.
+    assert "(run too short to tune" in out and "before" not in out
+    assert workdirs.read_config(str(workdir)).eval_batch_size == 8
+    refused = _distill(workdir, "--config.eval_batch_size=8", "--config.keep_checkpoints=3",
+                       "--config.lr=0.5")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert re.search(r"different config \(lr: 0.01 -> 0.5\).*--overwrite.*A resume may "
+                     r"change only.*eval_batch_size", refused.stderr)
+    assert "Resuming" not in refused.stdout
+    assert workdirs.read_config(str(workdir)).lr == 0.01

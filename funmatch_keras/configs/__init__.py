@@ -42,6 +42,7 @@ __all__ = [
     "apply_overrides",
     "diff",
     "Cadence",
+    "RESUMABLE_CHANGES",
     "cadence",
     "from_json",
     "list_configs",
@@ -58,6 +59,13 @@ _NOT_CONFIGS = ("common", "overrides", "teachers")
 _DEFAULT_EVALS_PER_RUN = 20
 # big_vision logs training metrics every 50 steps in most of its configs.
 _DEFAULT_LOG_EVERY_STEPS = 50
+# Fields that a resume may change (`workdir.prepare`): they say when a run logs,
+# evaluates and checkpoints, and how it batches evaluation, never what it trains:
+# batches follow the global step whatever the log intervals (`loop`). Everything
+# else (data, models, teachers and their path, optimizer, steps, seed) must match.
+RESUMABLE_CHANGES = frozenset({
+    "eval_batch_size", "keep_checkpoints", "log_every_steps", "checkpoint_every_steps",
+    "checkpoint_every_minutes", "eval_every_epochs", "eval_every_steps"})
 
 
 def list_configs() -> list[str]:
