@@ -92,10 +92,10 @@ def check_teacher(model: keras.Model, image_size: int, name: str | None = None,
     """Raises if `model` cannot teach at `image_size`: input size, logits, finiteness.
 
     Checks that a fixed input size of `model` is `image_size` (a model taking
-    any size passes), then runs it once on one random image in [-1, 1] and
-    checks the outputs as `check_models` does: one tensor, finite, logits and
-    not probabilities (non-negative rows summing to 1, the sign of a final
-    softmax).
+    any size passes) and that it does not end in a softmax layer, then runs it
+    once on one random image in [-1, 1] and checks the outputs as
+    `check_models` does: one tensor, finite, logits and not probabilities
+    (non-negative rows summing to 1, the sign of a final softmax).
 
     Args:
         model: keras.Model. The teacher, mapping images to `(batch, classes)`.
@@ -116,8 +116,8 @@ def check_teacher(model: keras.Model, image_size: int, name: str | None = None,
     >>> try:
     ...     check_teacher(net("softmax"), 16, name="t.keras")
     ... except ValueError as error:
-    ...     print(str(error)[:57])
-    The teacher 't.keras' outputs probabilities (non-negative
+    ...     print(error)
+    The teacher 't.keras' ends in a softmax (layer ...): it outputs probabilities, not logits: ...
     >>> try:
     ...     check_teacher(net(size=24), 16, name="t.keras")
     ... except ValueError as error:
@@ -126,6 +126,7 @@ def check_teacher(model: keras.Model, image_size: int, name: str | None = None,
     """
     label = f"The teacher {name or model.name!r}"
     _check_input_size(model, image_size, label, size_flag)
+    _check_no_softmax(model, label)
     image = np.random.default_rng(0).uniform(-1, 1, (1, image_size, image_size, 3))
     outputs = model(image.astype("float32"), training=False)
     check_single_output(outputs, label)
@@ -317,7 +318,8 @@ def _check_no_softmax(model: keras.Model, label: str) -> None:
     last = model.layers[-1] if model.layers else None
     if isinstance(last, keras.layers.Softmax) or (
             getattr(last, "activation", None) is keras.activations.softmax):
-        raise ValueError(_probabilities_message(label, f"ends in a softmax ({last.name!r})"))
+        raise ValueError(_probabilities_message(
+            label, f"ends in a softmax (layer {last.name!r}): it outputs probabilities"))
 
 
 def _check_logit_values(values: np.ndarray, label: str) -> None:
