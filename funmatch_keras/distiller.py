@@ -53,14 +53,23 @@ class Distiller(keras.Model):
       cross-resolution); `t` may be a list with one view per teacher;
     - `{"student": s, "teacher_logits": l}`: precomputed teacher outputs.
 
-    Labels never enter the loss. With labels, `evaluate` and validation report
-    `student_top1`, `teacher_top1`, `agreement` (same argmax) and `kl`
-    (KL(teacher ‖ student) at T=1), besides `loss`.
+    Labels never enter the loss. With labels (integer class indices),
+    `evaluate` and validation report `student_top1`, `teacher_top1`,
+    `agreement` (same argmax) and `kl` (KL(teacher ‖ student) at T=1), besides
+    `loss`.
+
+    Mistakes are refused with the fix, by the checks that the CLI runs too
+    (`models.checks`): when the Distiller is made (a teacher that is the
+    student, ends in a softmax or outputs non-finite values; outputs that are
+    not one tensor; other class counts), and at the first batch, from static
+    shapes (what unbuilt models did not tell; one-hot labels; one image tensor
+    for models of different input sizes). The Distiller is not saved whole
+    (`save` says what to save instead: the student).
 
     Args:
         teacher: `keras.Model`, list of them, or `None`. Outputs logits.
         student: `keras.Model` outputting logits over the same classes.
-        temperature: float > 0. Defaults to `1.0`.
+        temperature: float > 0, finite. Defaults to `1.0`.
         teacher_jit_compile: bool. Run the teachers' forward pass as its own
             XLA computation (TensorFlow; a step that is XLA-compiled as a whole
             includes it anyway). `tune.teacher_path` measures whether it pays.
