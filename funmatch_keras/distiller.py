@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import keras
@@ -9,6 +10,7 @@ from keras import ops
 
 from funmatch_keras import compat
 from funmatch_keras.losses import DistillationKL, check_temperature, kl_divergence_from_logits
+from funmatch_keras.models import checks
 
 # Keys a dict batch may carry. Anything else is a typo we report.
 STUDENT_KEY = "student"
@@ -21,14 +23,14 @@ _TEACHER_METRICS = ("agreement", "kl")
 _EVAL_METRICS = _LABEL_METRICS + _TEACHER_METRICS
 
 
-def _num_classes(model: keras.Model) -> int | None:
-    try:
-        shape = model.output_shape
-    except (AttributeError, ValueError):
-        return None
-    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
-        return None  # several outputs: cannot tell
-    return shape[-1] if shape else None
+# What `save` (and a `ModelCheckpoint` saving the whole model) says instead.
+_SAVE_INSTEAD = (
+    "A Distiller is not saved as one .keras file: it holds its teachers, which must "
+    "never ship inside a student checkpoint. Save the student, "
+    "distiller.student.save('student.keras'). To checkpoint training so that it can "
+    "resume, use fm.loop.fit_with_checkpoints(distiller, ..., saved=distiller.student), "
+    "or keras.callbacks.ModelCheckpoint(..., save_weights_only=True) (the Distiller's "
+    "weights, teachers included, for distiller.load_weights).")
 
 
 class Distiller(keras.Model):
@@ -51,14 +53,23 @@ class Distiller(keras.Model):
       cross-resolution); `t` may be a list with one view per teacher;
     - `{"student": s, "teacher_logits": l}`: precomputed teacher outputs.
 
-    Labels never enter the loss. With labels, `evaluate` and validation report
-    `student_top1`, `teacher_top1`, `agreement` (same argmax) and `kl`
-    (KL(teacher ‖ student) at T=1), besides `loss`.
+    Labels never enter the loss. With labels (integer class indices),
+    `evaluate` and validation report `student_top1`, `teacher_top1`,
+    `agreement` (same argmax) and `kl` (KL(teacher ‖ student) at T=1), besides
+    `loss`.
+
+    Mistakes are refused with the fix, by the checks that the CLI runs too
+    (`models.checks`): when the Distiller is made (a teacher that is the
+    student, ends in a softmax or outputs non-finite values; outputs that are
+    not one tensor; other class counts), and at the first batch, from static
+    shapes (what unbuilt models did not tell; one-hot labels; one image tensor
+    for models of different input sizes). The Distiller is not saved whole
+    (`save` says what to save instead: the student).
 
     Args:
         teacher: `keras.Model`, list of them, or `None`. Outputs logits.
         student: `keras.Model` outputting logits over the same classes.
-        temperature: float > 0. Defaults to `1.0`.
+        temperature: float > 0, finite. Defaults to `1.0`.
         teacher_jit_compile: bool. Run the teachers' forward pass as its own
             XLA computation (TensorFlow; a step that is XLA-compiled as a whole
             includes it anyway). `tune.teacher_path` measures whether it pays.
@@ -96,15 +107,8 @@ class Distiller(keras.Model):
                 raise ValueError("`teacher` is an empty list: pass a model, a list of models or None.")
         else:
             teachers = [teacher]
-        student_classes = _num_classes(student)
-        for i, model in enumerate(teachers):
-            teacher_classes = _num_classes(model)
-            if None not in (teacher_classes, student_classes) and teacher_classes != student_classes:
-                raise ValueError(
-                    f"Teacher {i} outputs {teacher_classes} classes but the student outputs "
-                    f"{student_classes}: both must predict the same classes. Build the student "
-                    f"with num_classes={teacher_classes}."
-                )
+        checks.check_models(teachers, student)
+        for model in teachers:
             # A teacher called inside compute_loss would otherwise be trained (DESIGN §5).
             model.trainable = False
         self.teachers = teachers
@@ -169,7 +173,13 @@ class Distiller(keras.Model):
                 f"The batch holds {len(views)} teacher views for {len(self.teachers)} teachers; "
                 "pass one tensor (shared) or one per teacher."
             )
+        for label, model, view in zip(self._teacher_labels(), self.teachers, views):
+            checks.check_input_fits(model, view, label, shared=not isinstance(x, dict))
         return ops.stop_gradient(self._teacher_forward(list(views)))
+
+    def _teacher_labels(self) -> list[str]:
+        return [checks.teacher_label(model, i, len(self.teachers))
+                for i, model in enumerate(self.teachers)]
 
     def _teacher_forward(self, views: list):
         if not (self.teacher_jit_compile and keras.backend.backend() == "tensorflow"):
@@ -181,10 +191,14 @@ class Distiller(keras.Model):
         return self._compiled_teachers(views)
 
     def _mean_teacher_logits(self, views: list):
-        logits = [
-            ops.cast(model(view, training=False), "float32")
-            for model, view in zip(self.teachers, views)
-        ]
+        labels, logits = self._teacher_labels(), []
+        for label, model, view in zip(labels, self.teachers, views):
+            outputs = model(view, training=False)
+            checks.check_single_output(outputs, label)
+            if logits:  # an ensemble: every teacher over teacher 0's classes
+                checks.check_same_classes(label, checks.num_classes(outputs),
+                                          labels[0], checks.num_classes(logits[0]))
+            logits.append(ops.cast(outputs, "float32"))
         return logits[0] if len(logits) == 1 else ops.mean(ops.stack(logits), axis=0)
 
     # -- keras.Model hooks -------------------------------------------------
@@ -199,7 +213,33 @@ class Distiller(keras.Model):
             compat.patch_for_strategy(self.distribute_strategy)
 
     def call(self, inputs, training=False):
-        return self.student(self._student_input(inputs), training=training)
+        images = self._student_input(inputs)
+        student_shape = checks.input_shape(self.student)
+        # One tensor for models of different input sizes: the fix is a dict batch.
+        shared = not isinstance(inputs, dict) and any(
+            shape not in (None, student_shape) for shape in map(checks.input_shape, self.teachers))
+        checks.check_input_fits(self.student, images, "The student", shared=shared)
+        outputs = self.student(images, training=training)
+        checks.check_single_output(outputs, "The student")
+        return outputs
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`; refuses a `ModelCheckpoint` that would save the whole Distiller."""
+        callbacks = inspect.signature(super().fit).bind(*args, **kwargs).arguments.get(
+            "callbacks") or []
+        for callback in callbacks:
+            if (isinstance(callback, keras.callbacks.ModelCheckpoint)
+                    and not callback.save_weights_only):
+                raise ValueError(f"keras.callbacks.ModelCheckpoint(save_weights_only=False) "
+                                 f"would save the Distiller: {_SAVE_INSTEAD}")
+        return super().fit(*args, **kwargs)
+
+    def save(self, *args, **kwargs):
+        """Refused: says what to save instead (the student; checkpoints to resume)."""
+        raise NotImplementedError(_SAVE_INSTEAD)
+
+    def get_config(self):
+        raise NotImplementedError(_SAVE_INSTEAD)
 
     # Metrics, on every backend with public hooks only. `compute_loss` is the one
     # hook told whether Keras trains or evaluates (`training`), so it updates the
@@ -212,6 +252,15 @@ class Distiller(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         teacher_logits = self.teacher_logits(x)
+        # Static shapes: checked once per trace (the first batch), before any step runs.
+        if isinstance(x, dict) and TEACHER_LOGITS_KEY in x:
+            source = f"The batch's '{TEACHER_LOGITS_KEY}'"
+        else:
+            source = self._teacher_labels()[0] if len(self.teachers) == 1 else "The teachers"
+        checks.check_same_classes(source, checks.num_classes(teacher_logits),
+                                  "the student", checks.num_classes(y_pred))
+        if y is not None:
+            checks.check_labels(y, y_pred)
         loss = self.distillation_loss(teacher_logits, y_pred)
         if self.losses:  # regularizers of the student, if any
             loss = loss + ops.sum(self.losses)

@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
 
 def check_temperature(temperature: float) -> float:
-    """Returns `temperature` as a float, or raises a `ValueError` unless it is > 0.
+    """Returns `temperature` as a float, or raises unless it is a finite number > 0.
 
     Shared by `DistillationKL` and `Distiller`, so both reject the same values
-    with the same message.
+    with the same message. (An infinite T makes every softmax uniform, and the
+    T² factor of the loss makes the weights NaN.)
+
+    Raises:
+        TypeError: not a number (e.g. a string, or a bool).
+        ValueError: NaN, infinite, or not > 0.
 
     Example:
     >>> check_temperature(2)
     2.0
     """
-    if not temperature > 0:
+    try:
+        value = None if isinstance(temperature, (str, bytes, bool)) else float(temperature)
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        raise TypeError("`temperature` must be a number > 0 (the paper sweeps 1, 2, 5, 10). "
+                        f"Received: temperature={temperature!r} (a {type(temperature).__name__})")
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(
-            "`temperature` must be > 0 (the paper sweeps 1, 2, 5, 10). "
+            "`temperature` must be a finite number > 0 (the paper sweeps 1, 2, 5, 10). "
             f"Received: temperature={temperature}"
         )
-    return float(temperature)
+    return value
 
 
 def kl_divergence_from_logits(

@@ -226,6 +226,21 @@ JAX_SCRIPT = textwrap.dedent(
     assert abs(unlabeled["agreement"] - logs["agreement"]) < 1e-6
     assert all(np.array_equal(a, b) for a, b in zip(frozen, teacher.get_weights()))
     print("LOSS", h.history["loss"][0], h.history["loss"][-1], "AGREE", logs["agreement"])
+    # The first-batch checks (static shapes, at trace time) hold under JAX too.
+    wide = keras.Sequential([keras.Input((9,)), keras.layers.Dense(5)])
+    one_tensor = Distiller(wide, mlp(3))
+    one_tensor.compile(optimizer="sgd")
+    try:
+        one_tensor.fit(x, epochs=1, verbose=0)
+        raise AssertionError("one tensor for two input sizes was accepted")
+    except ValueError as error:
+        assert '"Batches the Distiller accepts"' in str(error), error
+    try:
+        d.evaluate(x, np.eye(5)[y], verbose=0)
+        raise AssertionError("one-hot labels were accepted")
+    except ValueError as error:
+        assert "one-hot" in str(error), error
+    print("CHECKS OK")
     """
 )
 
@@ -237,6 +252,7 @@ def test_trains_under_jax_backend(tmp_path):
     out = subprocess.run([sys.executable, "-c", JAX_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "CHECKS OK" in out.stdout
     line = next(l for l in out.stdout.splitlines() if l.startswith("LOSS"))
     _, first, last, _, agreement = line.split()
     assert float(last) < 0.5 * float(first)
