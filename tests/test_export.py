@@ -200,3 +200,94 @@ def test_real_conversion_failure_names_blocking_op(tmp_path):
     with pytest.raises(fx.ExportError, match="tf.Igamma"):
         fx.to_tflite(model, tmp_path / "bad.tflite", "fp32")
     assert not any(tmp_path.iterdir())
+
+
+def _failing_converter(monkeypatch):
+    class FailingConverter:
+        target_spec = type("Spec", (), {})()
+
+        def convert(self):
+            raise RuntimeError(CONVERTER_MESSAGE)
+
+    monkeypatch.setattr(
+        tf.lite.TFLiteConverter, "from_saved_model", lambda *a, **k: FailingConverter()
+    )
+
+
+def _listing(directory):
+    return {p.relative_to(directory).as_posix(): p.stat().st_mtime_ns
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_a_failed_format_leaves_the_export_as_it_was(untrained, tmp_path, monkeypatch):
+    # A new folder: nothing of it remains, not even the folder.
+    _failing_converter(monkeypatch)
+    with pytest.raises(fx.ExportError, match="tf.Igamma"):
+        fx.export_all(untrained, tmp_path / "new", ["keras", "saved_model", "tflite_fp32"],
+                      eval_images=BLANK)
+    assert not (tmp_path / "new").exists()
+    # A folder of an earlier export: not a file of it changes.
+    out = tmp_path / "out"
+    monkeypatch.undo()
+    fx.export_all(untrained, out, ["tflite_fp16"], eval_images=BLANK)
+    before = _listing(out)
+    _failing_converter(monkeypatch)
+    with pytest.raises(fx.ExportError):
+        fx.export_all(untrained, out, ["keras", "tflite_fp32"], eval_images=BLANK)
+    assert _listing(out) == before
+    # So the same export runs again without --overwrite.
+    monkeypatch.undo()
+    report = fx.export_all(untrained, out, ["keras", "tflite_fp32"], eval_images=BLANK)
+    assert sorted(report["artifacts"]) == ["keras", "tflite_fp16", "tflite_fp32"]
+
+
+def test_the_report_keeps_the_records_of_earlier_exports(untrained, tmp_path):
+    images = np.random.default_rng(0).uniform(-1, 1, (4, SIZE, SIZE, 3))
+    first = fx.export_all(untrained, tmp_path, ["keras", "saved_model"], eval_images=images)
+    second = fx.export_all(untrained, tmp_path, ["tflite_fp32"], eval_images=images[:2])
+    on_disk = json.loads((tmp_path / fx.REPORT_NAME).read_text())
+    assert on_disk == second
+    assert list(on_disk["artifacts"]) == ["keras", "saved_model", "tflite_fp32"]
+    for fmt in ("keras", "saved_model"):
+        assert on_disk["artifacts"][fmt] == first["artifacts"][fmt]
+        assert on_disk["artifacts"][fmt]["num_images"] == 4
+    assert on_disk["artifacts"]["tflite_fp32"]["num_images"] == 2
+    for record in on_disk["artifacts"].values():
+        assert record["exported_at"].endswith("Z") and record["keras_backend"] == "tensorflow"
+        assert (tmp_path / record["path"]).exists()
+    # A format exported again replaces its own record only.
+    third = fx.export_all(untrained, tmp_path, ["keras"], eval_images=images[:3],
+                          overwrite=True)
+    assert third["artifacts"]["keras"]["num_images"] == 3
+    assert third["artifacts"]["saved_model"] == first["artifacts"]["saved_model"]
+
+
+def test_no_formats_is_not_an_unknown_format(untrained, tmp_path):
+    with pytest.raises(ValueError, match=r"^No export formats given; choose from keras, "
+                                         r"saved_model, tflite_fp32.*onnx"):
+        fx.export_all(untrained, tmp_path / "out", [], eval_images=BLANK)
+    assert not (tmp_path / "out").exists()
+
+
+@keras.saving.register_keras_serializable(package="tests_export")
+def doubled(x):
+    return x * 2.0
+
+
+def test_a_lambda_is_refused_with_a_fix_a_user_can_apply(tmp_path):
+    def model_with(function):
+        inputs = keras.Input((SIZE, SIZE, 3), name="images")
+        x = keras.layers.GlobalAveragePooling2D()(keras.layers.Lambda(function)(inputs))
+        return keras.Model(inputs, keras.layers.Dense(3)(x))
+
+    with pytest.raises(ValueError) as error:
+        fx.export_all(model_with(lambda x: x * 2.0), tmp_path / "out", ["keras"],
+                      eval_images=BLANK)
+    message = str(error.value)
+    assert "safe_mode=False" not in message
+    assert "student.keras" in message and "register_keras_serializable" in message
+    assert not (tmp_path / "out").exists()
+    # The fix the message gives exports.
+    report = fx.export_all(model_with(doubled), tmp_path / "out", ["keras"],
+                           eval_images=BLANK)
+    assert report["artifacts"]["keras"]["max_abs_logit_diff"] < 1e-5
