@@ -1,8 +1,10 @@
 """Write a student as .keras, SavedModel, TFLite and ONNX artifacts, each verified.
 
-Every file is written to a temporary path and renamed into place, so a failed
-export never leaves a partial one. `export_all` checks each artifact with
-`funmatch_keras.verify.verify`, which runs it the way it will be deployed.
+`export_all` writes every artifact into a staging folder and renames them into
+place only when all of them exported, so a failed export leaves no partial one.
+It checks each artifact with `funmatch_keras.verify.verify`, which runs it the
+way it will be deployed. Under the JAX backend it converts through the
+TensorFlow backend in a subprocess (the `.keras` file is backend-agnostic).
 ONNX is `funmatch_keras.export_onnx` (the `[onnx]` extra); an ONNX export that
 fails is a failed row of the report, and the other formats still export.
 Plain arguments only: `funmatch export` (a workdir's student) is

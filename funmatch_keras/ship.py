@@ -61,7 +61,11 @@ def run_export(
 
     Raises:
         FileNotFoundError: the workdir has no `student.keras`.
-        ValueError: `num_images` < 1, or a truncated `student.keras`.
+        ValueError: `num_images` < 1, no or unknown formats, a truncated
+            `student.keras`, or one that does not match `config.json`.
+        ExportError: a conversion or its check failed.
+
+    Nothing is written unless every format exports (see `export.export_all`).
         PermissionError: `out_dir` cannot be created or written (the message
             names `--output_dir`).
 
@@ -98,8 +102,9 @@ def run_export(
         model = load_keras_model(student_path)
         if (workdir / workdirs.CONFIG_FILE).is_file():
             config = workdirs.read_config(str(workdir))
-            check_student(model, student_path, config,
-                          build.source(config, "test").num_classes)
+            # The dataset is read only when the images come from it.
+            check_student(model, student_path, config, None if eval_images is not None
+                          else build.source(config, "test").num_classes)
             if eval_images is None:
                 eval_images, calibration = workdir_images(workdir, num_images)
                 if representative_data is None:
@@ -128,17 +133,19 @@ def run_export(
 
 
 def check_student(model: Any, path: str | os.PathLike, config: Any,
-                  num_classes: int) -> None:
+                  num_classes: int | None) -> None:
     """Raises `ValueError` if `model` does not fit the workdir's `config.json`.
 
     The student of a workdir takes `config.student_size` px images and outputs
-    one logit per class of the config's dataset (`config.num_classes` if set).
+    one logit per class: `config.num_classes` if set, else `num_classes` (the
+    dataset's; `None`: not checked).
 
     Example:
     >>> from funmatch_keras.models import small_cnn
     >>> config = configs.from_json('{"dataset": "digits", "student_size": 16}')
     >>> check_student(small_cnn([4], num_classes=10, image_size=16), "s.keras", config, 10)
-    >>> check_student(small_cnn([4], num_classes=3, image_size=24), "s.keras", config, 10)
+    >>> student = small_cnn([4], num_classes=3, image_size=24)
+    >>> check_student(student, "s.keras", config, 10)
     Traceback (most recent call last):
     ValueError: s.keras does not match the config.json beside it: the model takes 24 px ...
     """
@@ -149,7 +156,7 @@ def check_student(model: Any, path: str | os.PathLike, config: Any,
     if size is not None and size != config.student_size:
         found.append(f"takes {size} px images")
         expected.append(f"student_size={config.student_size}")
-    if outputs != classes:
+    if classes is not None and outputs != classes:
         found.append(f"outputs {[tuple(t.shape) for t in model.outputs]}")
         expected.append(f"{classes} classes (dataset {config.dataset!r})")
     if found:

@@ -152,3 +152,26 @@ def test_two_exports_keep_both_records(tmp_path, capsys):
     assert {f: report[f] for f in first} == first
     table = capsys.readouterr().out  # lists every record, too
     assert all(re.search(f"^{f} ", table, re.M) for f in report), table
+
+
+def test_a_failed_conversion_is_an_error_message_and_changes_nothing(tmp_path, capsys,
+                                                                     monkeypatch):
+    import tensorflow as tf
+
+    from funmatch_keras import cli
+
+    class FailingConverter:
+        target_spec = type("Spec", (), {})()
+
+        def convert(self):
+            raise RuntimeError("'tf.Igamma' op is neither a custom op nor a flex op")
+
+    tiny_student().save(tmp_path / "student.keras")
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model",
+                        lambda *a, **k: FailingConverter())
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras,tflite_fp32"]) == 2
+    assert "error: TFLite conversion (fp32) failed; ops with no TFLite built-in kernel: " \
+           "tf.Igamma" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
+    monkeypatch.undo()  # the same command, rerun, exports
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras,tflite_fp32"]) == 0
