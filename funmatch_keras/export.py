@@ -24,6 +24,7 @@ import tempfile
 import time
 import traceback
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -33,7 +34,8 @@ import tensorflow as tf
 
 from funmatch_keras import augment
 from funmatch_keras.verify import (INPUT_NAME, format_report, iter_images,  # noqa: F401
-                                   keras_logits, load_keras_model, verify)
+                                   keras_logits, lambda_message, load_keras_model,
+                                   verify)
 
 TFLITE_MODES = ("fp32", "fp16", "dynamic", "int8")
 FORMATS = (("keras", "saved_model") + tuple(f"tflite_{m}" for m in TFLITE_MODES)
@@ -340,6 +342,7 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
         raise ValueError(
             "`tflite_int8` needs calibration images: pass `representative_data` "
             "(a few hundred training images in [-1, 1]) or drop `tflite_int8`.")
+    _check_no_lambda(model)
     out_dir = Path(out_dir)
     for path in _artifact_paths(out_dir, formats):  # fail before spending minutes
         check_writable(path, overwrite)
@@ -379,6 +382,15 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
         finally:
             _remove(stage)
     return report
+
+
+def _check_no_lambda(model: keras.Model) -> None:
+    """Refuses a model that a `.keras` file of it could not be loaded back from safely."""
+    with warnings.catch_warnings():  # Keras warns of the lambda; the error says more
+        warnings.simplefilter("ignore")
+        config = keras.saving.serialize_keras_object(model)
+    if '"__lambda__"' in json.dumps(config, default=str):
+        raise ValueError(lambda_message(f"The model {model.name!r}"))
 
 
 def _artifact_paths(out_dir: Path, formats: Iterable[str]) -> list[Path]:

@@ -216,13 +216,17 @@ def load_keras_model(path: str | Path) -> keras.Model:
         if "safe_mode=False" not in str(error):
             raise
         # Keras advises safe_mode=False, which no funmatch command (rightly) accepts.
-        raise ValueError(
-            f"{os.fspath(path)!r} holds a Python lambda (e.g. `keras.layers.Lambda(lambda "
-            "x: ...)`), which cannot be loaded safely, so neither funmatch nor a user of the "
-            "file can load it. Replace the lambda with a named function decorated with "
-            "`@keras.saving.register_keras_serializable()` (or a Layer subclass) in a module "
-            "that is imported before loading, save the model again and rerun."
-        ) from error
+        raise ValueError(lambda_message(repr(os.fspath(path)))) from error
+
+
+def lambda_message(holder: str) -> str:
+    """Why a model with a Python lambda cannot ship, and the fix (`holder`: what holds it)."""
+    return (
+        f"{holder} holds a Python lambda (e.g. `keras.layers.Lambda(lambda x: ...)`): its "
+        ".keras file loads only with Keras's safe mode off, which no funmatch command does "
+        "and no user of the file should have to. Replace the lambda with a named function decorated with "
+        "`@keras.saving.register_keras_serializable()` (or a Layer subclass) in a module "
+        "that is imported before loading, save the model again and rerun.")
 
 
 def iter_images(data: Any, limit: int | None = None) -> Iterator[np.ndarray]:

@@ -175,3 +175,16 @@ def test_a_failed_conversion_is_an_error_message_and_changes_nothing(tmp_path, c
     assert not (tmp_path / "export").exists()
     monkeypatch.undo()  # the same command, rerun, exports
     assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras,tflite_fp32"]) == 0
+
+
+def test_a_student_keras_with_a_lambda_gets_a_fix_not_safe_mode(tmp_path, capsys):
+    from funmatch_keras import cli
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Lambda(lambda x: x)(inputs))
+    keras.Model(inputs, keras.layers.Dense(3)(pooled)).save(tmp_path / "student.keras")
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras"]) == 2
+    err = capsys.readouterr().err
+    assert "student.keras' holds a Python lambda" in err and "safe_mode" not in err
+    assert "register_keras_serializable" in err
+    assert not (tmp_path / "export").exists()
