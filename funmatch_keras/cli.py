@@ -75,12 +75,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from funmatch_keras.export import format_report
+    from funmatch_keras.export import ExportError, format_report
     from funmatch_keras.ship import run_export
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    report = run_export(args.workdir, formats, overwrite=args.overwrite,
-                        num_images=args.num_images, out_dir=args.output_dir)
+    try:
+        report = run_export(args.workdir, formats, overwrite=args.overwrite,
+                            num_images=args.num_images, out_dir=args.output_dir)
+    except ExportError as error:  # the model cannot be converted; the message says why
+        print(f"funmatch export: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(format_report(report))
     return 0
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from funmatch_keras import build, configs, data, models, steplog, workdir as workdirs
+from funmatch_keras import build, configs, data, steplog, workdir as workdirs
 from funmatch_keras.distiller import Distiller
+from funmatch_keras.ship import check_student
+from funmatch_keras.verify import load_keras_model
 
 
 def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, float]:
@@ -27,8 +29,9 @@ def evaluate_workdir(workdir: str, split: str = "test") -> dict[str, float]:
     if not os.path.exists(student_path):
         raise FileNotFoundError(f"No {workdirs.STUDENT_FILE} in {workdir!r}: run "
                                 "`funmatch distill` (or `funmatch demo`) first.")
-    student = models.load_keras_file(student_path)  # safe_mode; clear if truncated
+    student = load_keras_model(student_path)  # safe_mode; clear if truncated
     source = build.source(config, split)
+    check_student(student, student_path, config, source.num_classes)
     teachers = build.teachers(config, source.num_classes, workdir)
     distiller = Distiller(teachers if len(teachers) > 1 else teachers[0], student,
                           temperature=config.temperature)

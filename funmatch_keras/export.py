@@ -1,8 +1,10 @@
 """Write a student as .keras, SavedModel, TFLite and ONNX artifacts, each verified.
 
-Every file is written to a temporary path and renamed into place, so a failed
-export never leaves a partial one. `export_all` checks each artifact with
-`funmatch_keras.verify.verify`, which runs it the way it will be deployed.
+`export_all` writes every artifact into a staging folder and renames them into
+place only when all of them exported, so a failed export leaves no partial one.
+It checks each artifact with `funmatch_keras.verify.verify`, which runs it the
+way it will be deployed. Under the JAX backend it converts through the
+TensorFlow backend in a subprocess (the `.keras` file is backend-agnostic).
 ONNX is `funmatch_keras.export_onnx` (the `[onnx]` extra); an ONNX export that
 fails is a failed row of the report, and the other formats still export.
 Plain arguments only: `funmatch export` (a workdir's student) is
@@ -16,8 +18,13 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
+import traceback
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -27,7 +34,9 @@ import tensorflow as tf
 
 from funmatch_keras import augment
 from funmatch_keras.models import save_keras_file
-from funmatch_keras.verify import INPUT_NAME, format_report, iter_images, verify  # noqa: F401
+from funmatch_keras.verify import (INPUT_NAME, format_report, iter_images,  # noqa: F401
+                                   keras_logits, lambda_message, load_keras_model,
+                                   verify)
 
 TFLITE_MODES = ("fp32", "fp16", "dynamic", "int8")
 FORMATS = (("keras", "saved_model") + tuple(f"tflite_{m}" for m in TFLITE_MODES)
@@ -237,11 +246,42 @@ def _as_saved_model(source: keras.Model | str | os.PathLike,
         yield to_saved_model(source, Path(tmp) / "saved_model", image_size=image_size)
 
 
+def check_formats(formats: Iterable[str]) -> list[str]:
+    """The requested formats in canonical order; `ValueError` naming the valid ones.
+
+    The SavedModel (if asked for) comes before the TFLite files, which are
+    converted from it.
+
+    Example:
+    >>> check_formats(["tflite_fp32", "keras"])
+    ['keras', 'tflite_fp32']
+    >>> check_formats([])
+    Traceback (most recent call last):
+    ValueError: No export formats given; choose from keras, saved_model, ...
+    """
+    formats = list(formats)
+    valid = ", ".join(FORMATS)
+    if not formats:
+        raise ValueError(f"No export formats given; choose from {valid} "
+                         "(e.g. --formats=keras,saved_model).")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"Unknown export format(s) {unknown}; valid: {valid}.")
+    return [f for f in FORMATS if f in formats]
+
+
 def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable[str],
                *, eval_images: Any, representative_data: Any = None,
                overwrite: bool = False, num_calibration: int = 200,
                report_fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """Exports `model` in several formats, verifies each and writes a report.
+
+    All or nothing: the artifacts are written and verified in a staging folder
+    inside `out_dir` and moved into place only when every format succeeded, so
+    a failure leaves `out_dir` as it was. The report keeps the records of
+    formats exported by earlier calls into the same `out_dir`. Under a backend
+    other than TensorFlow (JAX), the model is saved as `.keras` and converted
+    and verified by a TensorFlow-backend subprocess (`_export_with_tensorflow`).
 
     Args:
         model: keras.Model. The student.
@@ -262,9 +302,19 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
     Returns:
         The report: `{"model", "image_size", "num_eval_images", "artifacts":
         {format: {"path", "size_bytes", "agreement", "max_abs_logit_diff",
-        "median_latency_ms"}}, **report_fields}`, also written (atomically) to
-        `<out_dir>/export_report.json`. A failed ONNX export is
-        `{"path", "failed", "unsupported_ops"}` and writes no file.
+        "median_latency_ms", "num_images", "exported_at", "keras_backend"}},
+        **report_fields}`,
+        also written (atomically) to `<out_dir>/export_report.json`. `artifacts`
+        also holds the records of formats an earlier call exported there
+        (each with its own `exported_at`, UTC). A failed ONNX export is
+        `{"path", "failed", "unsupported_ops"}` and writes no file. Under JAX,
+        `backend` records the check of the TensorFlow copy against the model.
+
+    Raises:
+        ValueError: unknown or no formats, or `tflite_int8` without
+            calibration images.
+        FileExistsError: an artifact exists and `overwrite` is `False`.
+        ExportError: a conversion or its verification failed.
 
     Example (a tiny untrained student; any `keras.Model` of images works):
     >>> from funmatch_keras.models import small_cnn
@@ -288,42 +338,92 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
     tflite_int8 ...
     (8 eval images at 32 px; latency per image on this CPU)
     """
-    unknown = [f for f in formats if f not in FORMATS]
-    # Canonical order: the SavedModel (if asked for) is written before the
-    # TFLite files, which are converted from it.
-    formats = [f for f in FORMATS if f in formats]
-    if unknown or not formats:
-        raise ValueError(
-            f"Unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}.")
+    formats = check_formats(formats)
     if "tflite_int8" in formats and representative_data is None:
         raise ValueError(
             "`tflite_int8` needs calibration images: pass `representative_data` "
             "(a few hundred training images in [-1, 1]) or drop `tflite_int8`.")
+    _check_no_lambda(model)
     out_dir = Path(out_dir)
-    paths = {f: out_dir / _ARTIFACT_NAMES[f] for f in formats}
-    for path in paths.values():  # fail before spending minutes on the others
+    for path in _artifact_paths(out_dir, formats):  # fail before spending minutes
         check_writable(path, overwrite)
     if "onnx" in formats:
         from funmatch_keras import export_onnx
 
         export_onnx.require()  # the [onnx] extra, before any other export
-    out_dir.mkdir(parents=True, exist_ok=True)
     eval_images = np.stack(list(iter_images(eval_images)))
     size = static_image_size(model) or int(eval_images.shape[1])
+    if "tflite_int8" in formats:  # an array: it may cross to another process
+        representative_data = np.stack(list(iter_images(representative_data,
+                                                        num_calibration)))
+    report_fields = dict(report_fields or {})
 
+    with removed_if_new(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=out_dir))
+        try:
+            if keras.backend.backend() == "tensorflow":
+                artifacts = _export_formats(model, stage, formats, eval_images,
+                                            representative_data, num_calibration, size)
+            else:
+                artifacts, report_fields["backend"] = _export_with_tensorflow(
+                    model, stage, formats, eval_images, representative_data,
+                    num_calibration, size)
+            made = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            artifacts = {f: {**_relocated(a, stage, out_dir), "exported_at": made,
+                             "keras_backend": keras.backend.backend()}
+                         for f, a in artifacts.items()}
+            merged = {**_previous_artifacts(out_dir), **artifacts}
+            report = {"model": model.name, "image_size": size,
+                      "num_eval_images": int(len(eval_images)),
+                      "artifacts": {f: merged[f] for f in FORMATS if f in merged},
+                      **report_fields}
+            (stage / REPORT_NAME).write_text(json.dumps(report, indent=2))
+            _move_into_place(stage, out_dir)
+        finally:
+            _remove(stage)
+    return report
+
+
+def _check_no_lambda(model: keras.Model) -> None:
+    """Refuses a model that a `.keras` file of it could not be loaded back from safely."""
+    with warnings.catch_warnings():  # Keras warns of the lambda; the error says more
+        warnings.simplefilter("ignore")
+        try:
+            config = keras.saving.serialize_keras_object(model)
+        except Exception:  # e.g. no get_config: the formats that need one say so
+            return
+    if '"__lambda__"' in json.dumps(config, default=str):
+        raise ValueError(lambda_message(f"The model {model.name!r}"))
+
+
+def _artifact_paths(out_dir: Path, formats: Iterable[str]) -> list[Path]:
+    """Every file or folder that exporting `formats` into `out_dir` writes."""
+    paths = [out_dir / _ARTIFACT_NAMES[f] for f in formats]
+    if "onnx" in formats:
+        paths.append(out_dir / "student_images.onnx")  # export_onnx.images_path
+    return paths
+
+
+def _export_formats(model: keras.Model, out_dir: Path, formats: list[str],
+                    eval_images: np.ndarray, representative_data: Any,
+                    num_calibration: int, size: int) -> dict[str, dict[str, Any]]:
+    """Writes and verifies each format in the empty `out_dir` (TensorFlow backend)."""
     artifacts = {}
     with contextlib.ExitStack() as stack:
-        # Every TFLite variant is converted from one SavedModel export.
-        saved_model = paths.get("saved_model")
-        for fmt, path in paths.items():
+        saved_model = None  # every TFLite variant is converted from one SavedModel
+        for fmt in formats:
+            path = out_dir / _ARTIFACT_NAMES[fmt]
             if fmt == "keras":
-                to_keras(model, path, overwrite)
+                to_keras(model, path)
             elif fmt == "saved_model":
-                to_saved_model(model, path, overwrite, size)
+                saved_model = to_saved_model(model, path, image_size=size)
             elif fmt == "onnx":
+                from funmatch_keras import export_onnx
+
                 try:
                     artifacts[fmt] = export_onnx.export_and_verify(
-                        model, path, eval_images, overwrite, size)
+                        model, path, eval_images, image_size=size)
                 except export_onnx.OnnxExportError as error:
                     artifacts[fmt] = {"path": str(path), "failed": error.summary,
                                       "unsupported_ops": error.ops}
@@ -332,15 +432,134 @@ def export_all(model: keras.Model, out_dir: str | os.PathLike, formats: Iterable
                 if saved_model is None:
                     saved_model = stack.enter_context(_as_saved_model(model, size))
                 to_tflite(saved_model, path, fmt[len("tflite_"):], representative_data,
-                          num_calibration, overwrite)
+                          num_calibration)
             artifacts[fmt] = {"path": str(path), **verify(path, model, eval_images)}
+    return artifacts
 
-    report = {"model": model.name, "image_size": size,
-              "num_eval_images": int(len(eval_images)), "artifacts": artifacts,
-              **(report_fields or {})}
-    with atomic_output(out_dir / REPORT_NAME, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-    return report
+
+def _relocated(record: Any, stage: Path, out_dir: Path) -> Any:
+    """`record` with the paths under `stage` made paths under `out_dir`."""
+    if isinstance(record, dict):
+        return {k: _relocated(v, stage, out_dir) for k, v in record.items()}
+    if isinstance(record, str) and record.startswith(str(stage) + os.sep):
+        return str(out_dir / Path(record).relative_to(stage))
+    return record
+
+
+def _previous_artifacts(out_dir: Path) -> dict[str, Any]:
+    """The records of an earlier report in `out_dir` (none if it is unreadable)."""
+    try:
+        artifacts = json.loads((out_dir / REPORT_NAME).read_text())["artifacts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return artifacts if isinstance(artifacts, dict) else {}
+
+
+def _move_into_place(stage: Path, out_dir: Path) -> None:
+    """Renames every entry of `stage` into `out_dir`, replacing old ones; the report last."""
+    for entry in sorted(stage.iterdir(), key=lambda p: (p.name == REPORT_NAME, p.name)):
+        target = out_dir / entry.name
+        _remove(target)
+        os.replace(entry, target)
+
+
+@contextlib.contextmanager
+def removed_if_new(directory: Path) -> Iterator[None]:
+    """Removes `directory` on an exception if it did not exist before and is empty."""
+    existed = directory.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
+
+
+# Exceptions the TensorFlow subprocess re-raises here as themselves (for the
+# CLI's exit codes); any other one becomes an `ExportError`.
+_CHILD_ERRORS = {e.__name__: e for e in (ValueError, FileExistsError, FileNotFoundError,
+                                         PermissionError, ImportError, ExportError)}
+
+
+def _export_with_tensorflow(model: keras.Model, stage: Path, formats: list[str],
+                            eval_images: np.ndarray, representative_data: Any,
+                            num_calibration: int, size: int
+                            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`_export_formats` in a TensorFlow-backend subprocess, for a model of another backend.
+
+    The SavedModel, TFLite and ONNX writers trace TensorFlow graphs, so they
+    need the TensorFlow backend; a `.keras` file is backend-agnostic. The
+    subprocess loads the model from one, exports into `stage` and returns its
+    logits, which must match this model's: the artifacts are then the model's.
+
+    Returns:
+        (artifact records, the `backend` entry of the report).
+    """
+    with tempfile.TemporaryDirectory(prefix="funmatch_export_tf_") as job:
+        job = Path(job)
+        save_keras_file(model, job / "model.keras")
+        np.save(job / "eval_images.npy", eval_images)
+        if representative_data is not None:
+            np.save(job / "calibration.npy", representative_data)
+        (job / "job.json").write_text(json.dumps({
+            "stage": str(stage), "formats": formats, "num_calibration": num_calibration,
+            "image_size": size}))
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow",
+               "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                           os.environ.get("PYTHONPATH")])),
+               # CPU only: the parent backend may hold the accelerator's memory.
+               "CUDA_VISIBLE_DEVICES": "-1"}
+        code = "import sys; from funmatch_keras import export as e; e._tensorflow_job(sys.argv[1])"
+        result = subprocess.run([sys.executable, "-c", code, str(job)], env=env,
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        outcome_path = job / "outcome.json"
+        outcome = json.loads(outcome_path.read_text()) if outcome_path.exists() else {}
+        if "error" in outcome:
+            error = _CHILD_ERRORS.get(outcome["error"])
+            if error is not None:
+                raise error(outcome["message"])
+            raise ExportError(f"Exporting through the TensorFlow backend failed "
+                              f"({outcome['error']}: {outcome['message']}).")
+        if result.returncode != 0 or "artifacts" not in outcome:
+            raise ExportError(
+                f"The TensorFlow-backend export process exited with {result.returncode} "
+                f"(the {keras.backend.backend()} backend exports through it). Its output, "
+                "last lines:\n" + "\n".join(result.stderr.splitlines()[-20:]))
+        tf_logits = np.load(job / "reference_logits.npy")
+    logits = keras_logits(model, eval_images)
+    diff = float(np.max(np.abs(logits - tf_logits)))
+    # float32 backends agree to rounding; lower-precision compute to its epsilon.
+    tolerance = (1e-3 if model.compute_dtype == "float32" else 5e-2) * max(
+        1.0, float(np.max(np.abs(logits))))
+    if not diff <= tolerance:
+        raise ExportError(
+            f"The model loaded under the TensorFlow backend (which writes the artifacts) "
+            f"disagrees with the {keras.backend.backend()} model: max |logit difference| "
+            f"{diff:.3g} > {tolerance:.3g}. A layer computes differently on the two "
+            "backends; export under KERAS_BACKEND=tensorflow to ship what it computes.")
+    return outcome["artifacts"], {"name": keras.backend.backend(),
+                                  "converted_with": "tensorflow",
+                                  "max_abs_logit_diff_vs_tensorflow": diff}
+
+
+def _tensorflow_job(job: str) -> None:
+    """The subprocess of `_export_with_tensorflow`: writes `outcome.json` in `job`."""
+    job = Path(job)
+    try:
+        spec = json.loads((job / "job.json").read_text())
+        model = load_keras_model(job / "model.keras")
+        eval_images = np.load(job / "eval_images.npy")
+        calibration = (np.load(job / "calibration.npy")
+                       if (job / "calibration.npy").exists() else None)
+        artifacts = _export_formats(model, Path(spec["stage"]), spec["formats"], eval_images,
+                                    calibration, spec["num_calibration"], spec["image_size"])
+        np.save(job / "reference_logits.npy", keras_logits(model, eval_images))
+        outcome = {"artifacts": artifacts}
+    except Exception as error:  # re-raised by the parent, which has the user's attention
+        traceback.print_exc()
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    (job / "outcome.json").write_text(json.dumps(outcome))
 
 
 def static_image_size(model: keras.Model) -> int | None:

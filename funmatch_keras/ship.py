@@ -61,7 +61,11 @@ def run_export(
 
     Raises:
         FileNotFoundError: the workdir has no `student.keras`.
-        ValueError: `num_images` < 1, or a truncated `student.keras`.
+        ValueError: `num_images` < 1, no or unknown formats, a truncated
+            `student.keras`, or one that does not match `config.json`.
+        ExportError: a conversion or its check failed.
+
+    Nothing is written unless every format exports (see `export.export_all`).
         PermissionError: `out_dir` cannot be created or written (the message
             names `--output_dir`).
 
@@ -84,6 +88,7 @@ def run_export(
             "num_images must be a positive number of images for the parity check "
             f"and int8 calibration: pass --num_images=500 (the default) or another "
             f"count >= 1. Received: num_images={num_images!r}")
+    formats = export.check_formats(formats)  # before minutes of loading and exporting
     workdir = Path(workdir)
     student_path = workdir / workdirs.STUDENT_FILE
     if not student_path.is_file():
@@ -92,33 +97,75 @@ def run_export(
             f"`funmatch demo` first"
         )
     out_dir = Path(out_dir) if out_dir is not None else workdir / EXPORT_DIR
-    check_writable_dir(out_dir)
-    model = load_keras_model(student_path)
-    if eval_images is None and (workdir / workdirs.CONFIG_FILE).is_file():
-        eval_images, calibration = workdir_images(workdir, num_images)
-        if representative_data is None:
-            representative_data = calibration
-    report_fields = {}
-    if eval_images is None:
-        size = export.static_image_size(model)
-        if size is None:
-            raise ValueError(
-                "The student has no static input size, so synthetic eval images "
-                "cannot be made: pass `eval_images`."
-            )
-        rng = np.random.default_rng(0)
-        shape = (NUM_SYNTHETIC_IMAGES, size, size, 3)
-        eval_images = rng.uniform(-1, 1, shape).astype(np.float32)
-        report_fields["eval_data"] = "synthetic"
-    return export.export_all(
-        model,
-        out_dir,
-        formats,
-        eval_images=eval_images,
-        representative_data=representative_data,
-        overwrite=overwrite,
-        report_fields=report_fields,
-    )
+    with export.removed_if_new(out_dir):
+        check_writable_dir(out_dir)
+        model = load_keras_model(student_path)
+        if (workdir / workdirs.CONFIG_FILE).is_file():
+            config = workdirs.read_config(str(workdir))
+            # The dataset is read only when the images come from it.
+            check_student(model, student_path, config, None if eval_images is not None
+                          else build.source(config, "test").num_classes)
+            if eval_images is None:
+                eval_images, calibration = workdir_images(workdir, num_images)
+                if representative_data is None:
+                    representative_data = calibration
+        report_fields = {}
+        if eval_images is None:
+            size = export.static_image_size(model)
+            if size is None:
+                raise ValueError(
+                    "The student has no static input size, so synthetic eval images "
+                    "cannot be made: pass `eval_images`."
+                )
+            rng = np.random.default_rng(0)
+            shape = (NUM_SYNTHETIC_IMAGES, size, size, 3)
+            eval_images = rng.uniform(-1, 1, shape).astype(np.float32)
+            report_fields["eval_data"] = "synthetic"
+        return export.export_all(
+            model,
+            out_dir,
+            formats,
+            eval_images=eval_images,
+            representative_data=representative_data,
+            overwrite=overwrite,
+            report_fields=report_fields,
+        )
+
+
+def check_student(model: Any, path: str | os.PathLike, config: Any,
+                  num_classes: int | None) -> None:
+    """Raises `ValueError` if `model` does not fit the workdir's `config.json`.
+
+    The student of a workdir takes `config.student_size` px images and outputs
+    one logit per class: `config.num_classes` if set, else `num_classes` (the
+    dataset's; `None`: not checked).
+
+    Example:
+    >>> from funmatch_keras.models import small_cnn
+    >>> config = configs.from_json('{"dataset": "digits", "student_size": 16}')
+    >>> check_student(small_cnn([4], num_classes=10, image_size=16), "s.keras", config, 10)
+    >>> student = small_cnn([4], num_classes=3, image_size=24)
+    >>> check_student(student, "s.keras", config, 10)
+    Traceback (most recent call last):
+    ValueError: s.keras does not match the config.json beside it: the model takes 24 px ...
+    """
+    classes = config.num_classes or num_classes
+    size = export.static_image_size(model)
+    outputs = model.outputs[0].shape[-1] if len(model.outputs) == 1 else None
+    found, expected = [], []
+    if size is not None and size != config.student_size:
+        found.append(f"takes {size} px images")
+        expected.append(f"student_size={config.student_size}")
+    if classes is not None and outputs != classes:
+        found.append(f"outputs {[tuple(t.shape) for t in model.outputs]}")
+        expected.append(f"{classes} classes (dataset {config.dataset!r})")
+    if found:
+        raise ValueError(
+            f"{os.fspath(path)} does not match the config.json beside it: the model "
+            f"{' and '.join(found)}, config.json says {' and '.join(expected)}. Put back "
+            "the student.keras that `funmatch distill` wrote with this config (rerunning the "
+            "same `funmatch distill` command writes it again), or move this model to a "
+            "workdir of its own, where `funmatch export` needs only student.keras.")
 
 
 def check_writable_dir(directory: str | os.PathLike) -> None:

@@ -90,7 +90,7 @@ def verify(
         logits.append(predict(image[None]))
         latencies.append(time.perf_counter() - start)
     logits = np.concatenate(logits).astype(np.float32)
-    expected = _reference_logits(reference_model, images)
+    expected = keras_logits(reference_model, images)
     return {
         "kind": kind,
         "num_images": int(len(images)),
@@ -101,7 +101,8 @@ def verify(
     }
 
 
-def _reference_logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
+def keras_logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """The model's float32 logits on `images`, 64 at a time, on any backend."""
     chunks = [
         keras.ops.convert_to_numpy(model(images[i : i + 64], training=False))
         for i in range(0, len(images), 64)
@@ -115,8 +116,8 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 def _keras_runner(path: Path) -> Runner:
     model = load_keras_model(path)
-    call = tf.function(lambda x: model(x, training=False))
-    return lambda x: call(tf.constant(x, tf.float32)).numpy()
+    # Compiled by the backend (tf.function, jax.jit): any backend loads a .keras file.
+    return lambda x: np.asarray(model.predict_on_batch(np.asarray(x, np.float32)))
 
 
 def _saved_model_runner(path: Path) -> Runner:
@@ -209,7 +210,23 @@ def load_keras_model(path: str | Path) -> keras.Model:
     # truncated file gets a clear error there, not Keras's "File not found".
     from funmatch_keras.models import load_keras_file
 
-    return load_keras_file(path)
+    try:
+        return load_keras_file(path)
+    except ValueError as error:
+        if "safe_mode=False" not in str(error):
+            raise
+        # Keras advises safe_mode=False, which no funmatch command (rightly) accepts.
+        raise ValueError(lambda_message(repr(os.fspath(path)))) from error
+
+
+def lambda_message(holder: str) -> str:
+    """Why a model with a Python lambda cannot ship, and the fix (`holder`: what holds it)."""
+    return (
+        f"{holder} holds a Python lambda (e.g. `keras.layers.Lambda(lambda x: ...)`): its "
+        ".keras file loads only with Keras's safe mode off, which no funmatch command does "
+        "and no user of the file should have to. Replace the lambda with a named function decorated with "
+        "`@keras.saving.register_keras_serializable()` (or a Layer subclass) in a module "
+        "that is imported before loading, save the model again and rerun.")
 
 
 def iter_images(data: Any, limit: int | None = None) -> Iterator[np.ndarray]:

@@ -5,7 +5,9 @@ check the workdir side: finding the student, the config's images, the report.
 """
 
 import json
+import re
 
+import keras
 import pytest
 
 from funmatch_keras import configs
@@ -95,3 +97,94 @@ def test_truncated_student_is_named_not_missing(tmp_path):
     (tmp_path / "student.keras").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"student\.keras.*truncated or corrupt"):
         ship.run_export(tmp_path, ["keras"])
+
+
+def _digits_workdir(path, model):
+    model.save(path / "student.keras")
+    config = configs.from_json(json.dumps({"dataset": "digits", "student_size": SIZE}))
+    (path / "config.json").write_text(configs.to_json(config))
+
+
+@pytest.mark.parametrize("classes, size, says", [
+    (3, SIZE, r"outputs \[\(None, 3\)\], config.json says 10 classes \(dataset 'digits'\)"),
+    (10, 24, r"takes 24 px images, config.json says student_size=32"),
+])
+def test_a_student_that_does_not_match_config_json(tmp_path, capsys, classes, size, says):
+    from funmatch_keras import cli
+    from funmatch_keras.evaluate import evaluate_workdir
+
+    model = tiny_student(input_size=size)
+    if classes != 10:
+        model = keras.Model(model.input, keras.layers.Dense(classes)(model.layers[-2].output))
+    _digits_workdir(tmp_path, model)
+    fix = r"student\.keras does not match the config\.json.*Put back the student\.keras"
+    with pytest.raises(ValueError, match=f"{fix}") as error:
+        ship.run_export(tmp_path, ["keras"])
+    assert re.search(says, str(error.value)), error.value
+    with pytest.raises(ValueError, match=says):
+        evaluate_workdir(str(tmp_path))
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras"]) == 2
+    assert re.search(says, capsys.readouterr().err)
+    assert not (tmp_path / "export").exists()  # nothing to refuse a rerun
+
+
+def test_no_formats_given(tmp_path, capsys):
+    from funmatch_keras import cli
+
+    tiny_student().save(tmp_path / "student.keras")
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats="]) == 2
+    assert "error: No export formats given; choose from keras, saved_model" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "export").exists()
+
+
+def test_two_exports_keep_both_records(tmp_path, capsys):
+    from funmatch_keras import cli
+
+    tiny_student().save(tmp_path / "student.keras")
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras,saved_model"]) == 0
+    report_path = tmp_path / "export" / fx.REPORT_NAME
+    first = json.loads(report_path.read_text())["artifacts"]
+    capsys.readouterr()
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats=tflite_fp32"]) == 0
+    report = json.loads(report_path.read_text())["artifacts"]
+    assert sorted(report) == ["keras", "saved_model", "tflite_fp32"]
+    assert {f: report[f] for f in first} == first
+    table = capsys.readouterr().out  # lists every record, too
+    assert all(re.search(f"^{f} ", table, re.M) for f in report), table
+
+
+def test_a_failed_conversion_is_an_error_message_and_changes_nothing(tmp_path, capsys,
+                                                                     monkeypatch):
+    import tensorflow as tf
+
+    from funmatch_keras import cli
+
+    class FailingConverter:
+        target_spec = type("Spec", (), {})()
+
+        def convert(self):
+            raise RuntimeError("'tf.Igamma' op is neither a custom op nor a flex op")
+
+    tiny_student().save(tmp_path / "student.keras")
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model",
+                        lambda *a, **k: FailingConverter())
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras,tflite_fp32"]) == 2
+    assert "error: TFLite conversion (fp32) failed; ops with no TFLite built-in kernel: " \
+           "tf.Igamma" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
+    monkeypatch.undo()  # the same command, rerun, exports
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras,tflite_fp32"]) == 0
+
+
+def test_a_student_keras_with_a_lambda_gets_a_fix_not_safe_mode(tmp_path, capsys):
+    from funmatch_keras import cli
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Lambda(lambda x: x)(inputs))
+    keras.Model(inputs, keras.layers.Dense(3)(pooled)).save(tmp_path / "student.keras")
+    assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras"]) == 2
+    err = capsys.readouterr().err
+    assert "student.keras' holds a Python lambda" in err and "safe_mode" not in err
+    assert "register_keras_serializable" in err
+    assert not (tmp_path / "export").exists()

@@ -4,6 +4,10 @@ Every format is verified end to end against a trained student in
 tests/test_export.py; these are the fast checks.
 """
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -56,3 +60,23 @@ def test_verify_rejects_unknown_artifacts(tmp_path):
         fv.verify(tmp_path / "model.mlmodel", _tiny_model(), np.zeros([1, SIZE, SIZE, 3]))
     with pytest.raises(ValueError, match="Received: kind='coreml'"):
         fv.verify(tmp_path, _tiny_model(), np.zeros([1, SIZE, SIZE, 3]), kind="coreml")
+
+
+def test_verify_keras_file_under_jax(tmp_path):
+    # A fresh process: the backend is chosen once, when Keras is first imported.
+    script = f"""
+import numpy as np, keras
+from funmatch_keras import verify as fv
+assert keras.backend.backend() == "jax"
+inputs = keras.Input(({SIZE}, {SIZE}, 3))
+x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(inputs))
+model = keras.Model(inputs, keras.layers.Dense(4)(x))
+model.save("{tmp_path}/m.keras")
+result = fv.verify("{tmp_path}/m.keras", model, np.zeros([2, {SIZE}, {SIZE}, 3]) + 0.5)
+assert result["agreement"] == 1.0 and result["max_abs_logit_diff"] < 1e-5, result
+print("verified")
+"""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "verified" in result.stdout, result.stderr[-3000:]
