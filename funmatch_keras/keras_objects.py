@@ -34,7 +34,7 @@ from typing import Any
 
 PACKAGE = "funmatch_keras"
 
-# Every module that registers a class with Keras. tests/test_keras_objects.py
+# Every module that registers a class with Keras. tests/journeys/test_load_in_a_fresh_process.py
 # imports the whole package and fails if a registered class lives elsewhere.
 DEFINING_MODULES = (
     "funmatch_keras.losses",

@@ -23,7 +23,7 @@ import pytest
 import funmatch_keras as fm
 from funmatch_keras import keras_objects
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 _SIZE, _CLASSES = 32, 5
 
 
