@@ -9,7 +9,7 @@ Two parts, one process (plus one subprocess for PyTorch), no TensorFlow needed:
     zero-initialized conv redrawn too, its `state_dict` saved
     as `.safetensors`, loaded into our `models.bit_r50x1` with
     `models.load_timm_bit`, both run on the same batch in [-1, 1] (timm's BiT
-    config: mean 0.5, std 0.5; ours per DESIGN §3). Reported: max |Δ logit|,
+    config: mean 0.5, std 0.5; ours per docs/design.md §4.1). Reported: max |Δ logit|,
     that over max |logit| (relative error), and top-1 agreement. PyTorch runs in
     float32 with TF32 off, in a subprocess (its CUDA libraries and memory stay
     out of JAX's way); JAX with `jax_default_matmul_precision="highest"`.

@@ -1,6 +1,6 @@
 """Shampoo vs AdamW for function matching on digits: epochs, wall time, step overhead.
 
-The paper (DESIGN §2): with Shampoo, ImageNet distillation reaches at 1,200
+The paper (docs/design.md §2.6): with Shampoo, ImageNet distillation reaches at 1,200
 epochs what Adam reaches at 4,800. This measures the same question at demo
 scale, with the demo's teacher and student (`configs/digits.py`: a CNN teacher
 trained with labels for 20 epochs teaches `cnn:16,32,64` at 16 px, batch 64,

@@ -8,7 +8,7 @@ milliseconds per step (and images/s) of:
 - `keras_distiller`: `keras.distillation.Distiller` at its defaults
   (`jit_compile="auto"`, i.e. off on CPU), `LogitsDistillation(loss=
   keras.losses.KLDivergence())` (the instance, so it takes the softmax branch;
-  the string default does not, see DESIGN §5), `student_loss_weight=0`;
+  the string default does not, see docs/design.md §5), `student_loss_weight=0`;
 - `tape_reference`: a hand-written `tf.function` step with `tf.GradientTape`,
   the teacher outside the tape (the way big_vision-style trainers write it);
 - `ours_*`: `funmatch_keras.Distiller` in float32, with a bfloat16 teacher (weights

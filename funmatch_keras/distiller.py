@@ -109,7 +109,7 @@ class Distiller(keras.Model):
             teachers = [teacher]
         checks.check_models(teachers, student)
         for model in teachers:
-            # A teacher called inside compute_loss would otherwise be trained (DESIGN §5).
+            # A teacher called inside compute_loss would otherwise be trained (docs/design.md §5).
             model.trainable = False
         self.teachers = teachers
         self.student = student

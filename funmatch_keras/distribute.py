@@ -5,7 +5,7 @@ on: a TPU (`TPUStrategy`), else a cluster described by `TF_CONFIG`
 (`MultiWorkerMirroredStrategy`), else several GPUs (`MirroredStrategy`), else
 the default (one-device) strategy. Under the JAX backend, `data_parallel()`
 splits each batch over the local devices with `keras.distribution.DataParallel`
-(DESIGN §5: `keras.distribution` does not support TensorFlow).
+(docs/design.md §5: `keras.distribution` does not support TensorFlow).
 
 `replication(kind)` wraps either in one object that `train.run` uses: the
 number of replicas (the global batch must be a multiple of it), whether this

@@ -9,7 +9,7 @@ from funmatch_keras.shampoo import Shampoo
 __all__ = ["Shampoo", "adamw", "shampoo", "warmup_cosine"]
 
 # Decay only conv/dense kernels (names ending in "kernel", incl. depthwise ones),
-# never GroupNorm scale/offset or biases (DESIGN §2). Keras matches this regex
+# never GroupNorm scale/offset or biases (docs/design.md §2.4). Keras matches this regex
 # against each variable's name and *excludes* the variables it finds. Under
 # TensorFlow, Keras matches the underlying tf.Variable, named e.g. "kernel:0".
 _NOT_A_KERNEL = r"^(?!.*kernel(:\d+)?$)"
@@ -104,7 +104,7 @@ def shampoo(
 
     The paper's alternative to Adam: ImageNet distillation reaches at 1,200
     epochs what Adam reaches at 4,800 (warmup 1,800 steps, Nesterov, blocks of
-    at most 128×128, wd 3.75e-4; DESIGN §2). As in `adamw`, the update is
+    at most 128×128, wd 3.75e-4; docs/design.md §2.6). As in `adamw`, the update is
     `Δw = −s(t)·(lr·direction + wd·w)`: the decay is scaled by the schedule but
     not by the learning rate, only kernels are decayed, and gradients are
     clipped by global norm. Layer-wise grafting gives every kernel Adam's step

@@ -1,7 +1,7 @@
 """Shampoo: blocked Kronecker-factored preconditioning, grafted to Adam, as a Keras 3 optimizer.
 
 The paper's second optimizer: with Shampoo, ImageNet distillation reaches at
-1,200 epochs what Adam reaches at 4,800 (DESIGN §2). Keras has no Shampoo, so
+1,200 epochs what Adam reaches at 4,800 (docs/design.md §2.6). Keras has no Shampoo, so
 this is one written from the formulas of Gupta et al. (2018) and Anil et al.
 (2020), on `keras.ops` only: it runs on TensorFlow (eagerly, in `tf.function`,
 under XLA and `tf.distribute`) and on JAX, and every piece of its state is an

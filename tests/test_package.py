@@ -1,6 +1,7 @@
 """The package namespace: lazy submodules, public names, no TensorFlow on import."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,3 +116,49 @@ def test_readme_module_table_names_every_module():
                        for name in re.findall(r"`([\w.]+)`", first_cell)}
     missing = {name for name, _ in _modules()} - listed
     assert not missing, f"modules missing from the README's module table: {missing}"
+
+
+# -- the design notes (docs/design.md) ------------------------------------------
+_DESIGN = _ROOT / "docs" / "design.md"
+_CITATION = re.compile(r"docs/design\.md`?\s*§\s*(\d+(?:\.\d+)?)")
+_STALE_CITATION = re.compile(r"DESIGN\s*§|shared/DESIGN")
+
+
+def _cited_files():
+    """README.md and every text file under the code, test, benchmark and example folders."""
+    readme = _ROOT / "README.md"
+    yield readme, readme.read_text(encoding="utf-8")
+    for folder in ("funmatch_keras", "tests", "benchmarks", "examples"):
+        for path in sorted((_ROOT / folder).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                try:
+                    yield path, path.read_text(encoding="utf-8")
+                except UnicodeDecodeError:  # an image or other binary file
+                    continue
+
+
+def _design_sections():
+    """The section numbers of docs/design.md's headings (`## 2. ...` → "2", `### 2.4 ...`)."""
+    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", _DESIGN.read_text(), re.MULTILINE))
+
+
+def test_design_citations_name_sections_of_docs_design_md():
+    sections = _design_sections()
+    assert {"2", "3", "4", "5", "2.4", "4.2"} <= sections, sorted(sections)
+    stale, unknown, cited = [], [], 0
+    for path, text in _cited_files():
+        if path == Path(__file__).resolve():
+            continue
+        name = path.relative_to(_ROOT)
+        stale += [f"{name}: {m.group()!r}" for m in _STALE_CITATION.finditer(text)]
+        for match in _CITATION.finditer(text):
+            cited += 1
+            if match.group(1) not in sections:
+                unknown.append(f"{name}: §{match.group(1)}")
+    # The notes' own cross-references (`§4.2`) name existing sections too.
+    unknown += [f"docs/design.md: §{n}" for n in re.findall(r"§(\d+(?:\.\d+)?)",
+                                                            _DESIGN.read_text())
+                if n not in sections]
+    assert not stale, f"cite docs/design.md §N instead of the unshipped design file: {stale}"
+    assert not unknown, f"citations of sections docs/design.md does not have: {unknown}"
+    assert cited >= 10, cited  # the scan really reads the files that cite the notes

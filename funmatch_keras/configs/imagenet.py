@@ -37,7 +37,7 @@ from funmatch_keras.configs.common import base_config, parse_arg, shrink_for_smo
 
 IMAGE_SIZE = 224
 TEACHER = "bit_r152x2"
-# The paper's Shampoo run on ImageNet (DESIGN §2): fields that differ from Adam's.
+# The paper's Shampoo run on ImageNet (docs/design.md §2.6): fields that differ from Adam's.
 SHAMPOO = {"optimizer": "shampoo", "warmup_steps": 1800, "weight_decay": 3.75e-4,
            "shampoo_block_size": 128}
 

@@ -49,6 +49,6 @@ def small_cnn(
         if i < len(widths) - 1:
             x = keras.layers.MaxPool2D(dtype=dtype, name=f"stage{i}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(dtype=dtype, name="pool")(x)
-    # Logits in float32 whatever the compute dtype (DESIGN §5).
+    # Logits in float32 whatever the compute dtype (docs/design.md §4.2).
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=name)

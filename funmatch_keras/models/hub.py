@@ -188,7 +188,7 @@ def _with_value_range(classifier: keras.Model, converter, image_size: int, dtype
                                    offset=0.0 if offset is None else _plain(offset),
                                    name="preset_scale_offset")(x)
     logits = classifier(x)
-    if dtype is not None:  # logits in float32 whatever the compute dtype (DESIGN §5)
+    if dtype is not None:  # logits in float32 whatever the compute dtype (docs/design.md §4.2)
         logits = keras.layers.Activation("linear", dtype="float32",
                                          name="logits_float32")(logits)
     return keras.Model(inputs, logits, name=name)

@@ -96,7 +96,7 @@ def _keras_application(name: str, num_classes: int, image_size: int,
         keras.config.set_dtype_policy(previous)
     if dtype is None:
         return model
-    # Logits in float32 whatever the compute dtype (DESIGN §5). MobileNetV3
+    # Logits in float32 whatever the compute dtype (docs/design.md §4.2). MobileNetV3
     # already has a layer named "logits".
     taken = {layer.name for layer in model.layers}
     name = "logits" if "logits" not in taken else "logits_float32"
