@@ -56,7 +56,7 @@ def steps_per_epoch(source: Source, batch_size: int) -> int:
 
     Example:
     >>> from funmatch_keras.sources import array_source
-    >>> src = array_source(np.zeros([10, 8, 8], np.uint8), np.zeros(10, int))
+    >>> src = array_source(np.zeros([10, 8, 8], np.uint8), np.arange(10) % 2)
     >>> steps_per_epoch(src, 4)
     2
     """

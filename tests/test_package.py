@@ -89,10 +89,10 @@ def _imported_package_modules(path):
     return names
 
 
-def test_every_module_is_under_400_lines_with_a_one_line_job():
+def test_every_module_has_a_one_line_job():
+    # The measure is the job, not the length (docs/design.md §3): no line limit.
     for _, path in _modules():
         text = path.read_text()
-        assert len(text.splitlines()) < 400, f"{path.name}: {len(text.splitlines())} lines"
         if not path.name.startswith("__"):
             first = text.lstrip().splitlines()[0]
             assert first.lstrip("r").startswith('"""') and len(first) > 10, (path, first)
