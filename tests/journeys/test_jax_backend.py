@@ -1,5 +1,6 @@
 """Journey: the README's commands under the JAX backend, then the student under TensorFlow.
 
+    KERAS_BACKEND=jax funmatch train-teacher --config=digits:smoke=True --workdir=teacher
     KERAS_BACKEND=jax funmatch distill --config=digits:smoke=True --workdir=run
     KERAS_BACKEND=jax funmatch evaluate --workdir=run
     KERAS_BACKEND=jax funmatch export --workdir=run --formats=<every format>
@@ -45,6 +46,11 @@ np.save("keras_logits.npy", keras.ops.convert_to_numpy(model(np.load("images.npy
 @pytest.mark.slow
 def test_distill_evaluate_export_under_jax_then_load_under_tensorflow(shell):
     jax = {"KERAS_BACKEND": "jax"}
+    shell.funmatch("train-teacher", "--config=digits:smoke=True", "--workdir=teacher",
+                   "--verbose=0", **jax)
+    assert (shell.cwd / "teacher" / "teacher.keras").is_file()
+    # The teacher it wrote loads under TensorFlow, in plain Keras.
+    shell.python("import keras; keras.saving.load_model('teacher/teacher.keras')")
     shell.funmatch("distill", "--config=digits:smoke=True", "--workdir=run", "--verbose=0",
                    **jax)
     assert (shell.cwd / "run" / "student.keras").is_file()
