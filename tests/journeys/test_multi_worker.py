@@ -84,7 +84,8 @@ def test_shared_workdir_and_a_chief_killed_while_the_teacher_trains(workers, tmp
     assert not (killed / "teacher.keras").exists(), "killed after the teacher was trained"
     restarted = _start(workers, [killed, killed], "restarted")
     _finish(restarted)
-    assert "Resuming teacher training from step" in restarted.log(0), restarted.explain()
+    for index in (0, 1):  # each continues: neither trains from scratch
+        assert "Resuming teacher training from step" in restarted.log(index), restarted.explain()
     resumed = _check_run(killed, killed / "workertemp_worker_1")
     _assert_same_weights(resumed, student)
 
@@ -104,6 +105,7 @@ def test_separate_workdirs_and_a_worker_killed_while_distilling(workers, tmp_pat
     assert not (chief / "report.json").exists(), "killed after the run ended"
     restarted = _start(workers, [chief, other], "restarted")
     _finish(restarted)
-    assert "Resuming distillation from step" in restarted.log(0), restarted.explain()
+    for index in (0, 1):  # each continues: neither trains from scratch
+        assert "Resuming distillation from step" in restarted.log(index), restarted.explain()
     resumed = _check_run(chief, other / "workertemp_worker_1")
     _assert_same_weights(resumed, student)
