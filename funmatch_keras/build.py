@@ -1,8 +1,8 @@
 """A config → the library's objects: sources, student, teachers, optimizer, compile settings.
 
 Nothing here trains: a teacher that must first learn from labels is trained by
-`supervised.train_missing_teachers`, and `teachers` then loads it from the
-workdir like any other teacher file.
+`supervised.train_missing_teachers`, and `teachers` then takes it as that returns it
+(or loads it from the workdir like any other teacher file).
 
 Example:
 >>> from funmatch_keras import configs
@@ -112,12 +112,13 @@ def untrained_teacher(config: ml_collections.ConfigDict, spec: TeacherSpec,
     return model
 
 
-def teachers(config: ml_collections.ConfigDict, num_classes: int,
-             workdir: str) -> list[keras.Model]:
+def teachers(config: ml_collections.ConfigDict, num_classes: int, workdir: str,
+             trained: dict[int, keras.Model] | None = None) -> list[keras.Model]:
     """The config's frozen teachers, ready for a `Distiller`.
 
-    A teacher without weights is loaded from the workdir, where
-    `supervised.train_missing_teachers` saved it after training it with labels.
+    A teacher without weights is the one `supervised.train_missing_teachers`
+    trained with labels: given in `trained` (by index; what it returns), else
+    loaded from the workdir, where it saved it.
     A teacher's weights file must hold a head for `num_classes` classes (a head
     of another class count is an error, never a silently zero head). BiT
     teachers get their weight standardization folded into the kernels (frozen:
@@ -144,7 +145,9 @@ def teachers(config: ml_collections.ConfigDict, num_classes: int,
     specs = configs.teacher_specs(config)
     built = []
     for index, spec in enumerate(specs):
-        if needs_labels(spec):
+        if needs_labels(spec) and index in (trained or {}):
+            model, origin = trained[index], f"the teacher {spec.model!r} trained with labels"
+        elif needs_labels(spec):
             path = workdirs.trained_teacher_path(workdir, index, len(specs))
             if not os.path.exists(path):
                 raise FileNotFoundError(

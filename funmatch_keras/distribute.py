@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import keras
 from absl import logging
@@ -305,6 +305,76 @@ class Replication:
             strategy = self.strategy
             strategy.reduce(tf.distribute.ReduceOp.SUM,
                             strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+    def chief_value(self, value: int) -> int:
+        """The chief's `value` (an int or bool), on every worker.
+
+        What the chief's disk holds (a checkpoint, a trained teacher) decides for
+        every worker: the others may have disks of their own.
+
+        Example:
+        >>> replication("default").chief_value(True)
+        1
+        """
+        import numpy as np
+
+        (result,) = self._from_chief([np.asarray(int(value), "int64")])
+        return int(result)
+
+    def broadcast_from_chief(self, variables: Sequence[Any]) -> None:
+        """Assigns the chief's values of `variables` on every worker (a no-op on one).
+
+        Every worker passes the same variables, in the same order (the weights
+        of the same model, an optimizer built on them).
+
+        Example:
+        >>> v = keras.Variable([1.0, 2.0])
+        >>> replication("default").broadcast_from_chief([v])
+        >>> v.numpy().tolist()
+        [1.0, 2.0]
+        """
+        if self.num_workers == 1:
+            return
+        arrays = [keras.ops.convert_to_numpy(v) for v in variables]
+        for variable, value in zip(variables, self._from_chief(arrays)):
+            variable.assign(value)
+
+    def _from_chief(self, arrays: list) -> list:
+        """The chief's NumPy `arrays` on every worker: one all-reduce (a sum) per
+        wire dtype, to which only the chief's first replica contributes: exact."""
+        if self.num_workers == 1:
+            return arrays
+        import numpy as np
+        import tensorflow as tf
+
+        groups: dict[str, list[int]] = {}  # dtypes that hold each value exactly
+        for index, array in enumerate(arrays):
+            if array.dtype.kind in "iub":
+                wire = "int64"
+            else:  # float32, and float16/bfloat16 widened
+                wire = "float64" if array.dtype == np.float64 else "float32"
+            groups.setdefault(wire, []).append(index)
+        results = list(arrays)
+        for wire, indices in sorted(groups.items()):
+            flat = np.concatenate([arrays[i].astype(wire).ravel() for i in indices])
+            calls = []
+
+            def contribution(context, flat=flat, calls=calls):
+                calls.append(context)
+                keep = self.is_chief and len(calls) == 1
+                return tf.constant(flat if keep else np.zeros_like(flat))
+
+            summed = self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM,
+                self.strategy.experimental_distribute_values_from_function(contribution),
+                axis=None)
+            summed, start = np.asarray(summed), 0
+            for i in indices:
+                size = arrays[i].size
+                results[i] = summed[start:start + size].reshape(arrays[i].shape).astype(
+                    arrays[i].dtype)
+                start += size
+        return results
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from funmatch_keras.checkpoint import CheckpointManager
 from funmatch_keras.checkpoint_callback import CheckpointCallback, stop_on_signals
+from funmatch_keras.distribute import Replication
 from funmatch_keras.optim import global_step
 
 
@@ -192,7 +193,7 @@ def fit_with_checkpoints(
     background: bool = True,
     name: str = "training",
     saved: keras.Model | None = None,
-    is_chief: bool = True,
+    replicas: Replication | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     **fit_kwargs,
 ) -> int:
@@ -200,6 +201,8 @@ def fit_with_checkpoints(
 
     The model and its optimizer are restored from the latest checkpoint if there
     is one (the rerun says so), then trained to `epochs * steps_per_epoch`.
+    Across workers the chief's checkpoints are the run's: the chief restores and
+    sends the state to the others, which may not see its disk.
     Checkpoints are written at the log steps where `every_steps` or
     `every_minutes` is due, at the end, and on SIGTERM/SIGINT, from a
     background thread (one write in flight; `CheckpointManager.save`).
@@ -219,7 +222,8 @@ def fit_with_checkpoints(
         name: str. What is trained, for the resume message.
         saved: keras.Model. What the checkpoints hold besides the optimizer
             (e.g. the student of a `Distiller`). Defaults to `model`.
-        is_chief: bool. Whether this process writes checkpoints.
+        replicas: `distribute.Replication` or None (one process, the chief). Only
+            its chief writes and restores checkpoints.
         callbacks: more Keras callbacks.
         **fit_kwargs: passed to `fit` (verbose...).
 
@@ -244,14 +248,9 @@ def fit_with_checkpoints(
     ['ckpt-000000003']
     """
     saved = model if saved is None else saved
+    is_chief = replicas is None or replicas.is_chief
     manager = CheckpointManager(checkpoint_dir, keep=keep, clean_temp=is_chief)
-    start = 0
-    if manager.latest() is not None:
-        state = manager.restore(saved, model.optimizer)  # the newest that loads
-        start = int(state["step"])
-        # Always said, whatever the verbosity: a resumed run must be visible in the log.
-        print(f"Resuming {name} from step {start} of {steps_per_epoch * epochs} "
-              f"({state['path']}).", flush=True)
+    start = _restore(manager, model, saved, replicas, name, steps_per_epoch * epochs)
     checkpoints = CheckpointCallback(manager, every_steps, saved, is_chief=is_chief,
                                      every_minutes=every_minutes, background=background,
                                      steps_per_epoch=steps_per_epoch,
@@ -280,3 +279,25 @@ def fit_with_checkpoints(
             f"{saved_at} of {steps_per_epoch * epochs}; checkpoint "
             f"{manager.path_for(saved_at)} saved. Rerun the same command to resume.")
     return step
+
+
+def _restore(manager: CheckpointManager, model: keras.Model, saved: keras.Model,
+             replicas: Replication | None, name: str, total: int) -> int:
+    """Restores the chief's latest checkpoint on every worker; returns its step (0: none)."""
+    is_chief = replicas is None or replicas.is_chief
+    found = is_chief and manager.latest() is not None
+    if replicas is not None:
+        found = bool(replicas.chief_value(found))
+    if not found:
+        return 0
+    where = "the chief's checkpoint"
+    if is_chief:
+        where = manager.restore(saved, model.optimizer)["path"]  # the newest that loads
+    elif not model.optimizer.built:  # as the chief's restore builds it
+        model.optimizer.build(saved.trainable_variables)
+    if replicas is not None:
+        replicas.broadcast_from_chief([*saved.weights, *model.optimizer.variables])
+    start = global_step(model.optimizer)
+    # Always said, whatever the verbosity: a resumed run must be visible in the log.
+    print(f"Resuming {name} from step {start} of {total} ({where}).", flush=True)
+    return start

@@ -24,8 +24,8 @@ import keras
 import ml_collections
 from absl import logging
 
-from funmatch_keras import (build, configs, data, distribute, loop, steplog, workdir as workdirs,
-                            workdir_lock)
+from funmatch_keras import (build, configs, data, distribute, loop, models, steplog,
+                            workdir as workdirs, workdir_lock)
 from funmatch_keras.configs import TeacherSpec
 from funmatch_keras.schedules import BitHyperRuleSchedule
 
@@ -120,7 +120,7 @@ def fit_with_labels(
         every_steps=cadence.checkpoint_every_steps, keep=config.keep_checkpoints,
         every_minutes=config.checkpoint_every_minutes, log_every_steps=log_every,
         steps_per_epoch=steps_per_epoch, epochs=epochs, name=name,
-        is_chief=replicas.is_chief, callbacks=[logger, *callbacks], verbose=fit_verbose)
+        replicas=replicas, callbacks=[logger, *callbacks], verbose=fit_verbose)
     return model
 
 
@@ -131,19 +131,35 @@ def epoch_warmup_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: i
 
 
 def train_missing_teachers(config: ml_collections.ConfigDict, workdir: str, source,
-                           replicas: distribute.Replication, verbose: int = 1) -> None:
+                           replicas: distribute.Replication,
+                           verbose: int = 1) -> dict[int, keras.Model]:
     """Trains with labels each teacher of the config that has no weights yet.
 
     Each is saved where `build.teachers` loads it (`workdir.trained_teacher_path`);
-    one trained by an earlier run is kept. Call it inside `replicas.scope()`.
+    one trained by an earlier run is kept. Across workers the chief's workdir
+    decides (a worker may have a disk of its own): every worker trains, resumes
+    from the chief's checkpoints or receives the chief's `teacher.keras` weights,
+    and only the chief saves. Call it outside `replicas.scope()`: it trains
+    inside, and saves outside (saving creates variables, which every worker
+    would have to create too).
+
+    Returns:
+        The teachers trained with labels, by index in `configs.teacher_specs`,
+        with the chief's weights on every worker: for `build.teachers(trained=)`.
+        On one worker, one trained by an earlier run is left to `build.teachers`.
 
     Raises:
         ValueError: a teacher without weights and `config.teacher_epochs` unset.
     """
     specs = configs.teacher_specs(config)
+    trained = {}
     for index, spec in enumerate(specs):
         path = workdirs.trained_teacher_path(workdir, index, len(specs))
-        if not build.needs_labels(spec) or os.path.exists(path):
+        if not build.needs_labels(spec):
+            continue
+        if replicas.chief_value(os.path.exists(path)):
+            if replicas.num_workers > 1:
+                trained[index] = _chief_teacher(config, spec, path, source, replicas)
             continue
         if not config.teacher_epochs:
             raise ValueError(
@@ -151,26 +167,45 @@ def train_missing_teachers(config: ml_collections.ConfigDict, workdir: str, sour
                 "to a checkpoint, --config.teacher to a .keras file, or "
                 "--config.teacher_epochs > 0 to train it with labels first."
             )
-        _train_for_distillation(config, spec, index, path, source, replicas, verbose)
+        trained[index] = _train_for_distillation(config, spec, index, path, source, replicas,
+                                                 verbose)
+        if replicas.is_chief:
+            workdirs.save_model(trained[index], path)
+    return trained
+
+
+def _chief_teacher(config, spec: TeacherSpec, path: str, source, replicas) -> keras.Model:
+    """The teacher the chief trained in an earlier run (its `path`), on every worker."""
+    weights = None
+    if replicas.is_chief:  # loaded outside the scope: no variables that only it creates
+        weights = models.load_keras_file(path).get_weights()
+    with replicas.scope():
+        teacher = build.untrained_teacher(config, spec, build.num_classes(config, source))
+    if weights is not None:
+        teacher.set_weights(weights)
+    replicas.broadcast_from_chief(teacher.weights)
+    return teacher
 
 
 def _train_for_distillation(config, spec: TeacherSpec, index: int, path: str, source,
-                            replicas, verbose: int) -> None:
+                            replicas, verbose: int) -> keras.Model:
     logging.info("Training the teacher %s with labels for %d epochs.", spec.model,
                  config.teacher_epochs)
     num_classes = build.num_classes(config, source)
-    teacher = build.untrained_teacher(config, spec, num_classes)
     steps = data.steps_per_epoch(source, config.batch_size)
-    fit_with_labels(
-        teacher, config, source, size=spec.size,
-        optimizer=epoch_warmup_optimizer(config, steps, config.teacher_epochs),
-        steps_per_epoch=steps, epochs=config.teacher_epochs,
-        checkpoint_dir=workdirs.teacher_checkpoint_dir(os.path.dirname(path), index),
-        replicas=replicas, seed=config.seed + 1 + index,  # ensemble members: own crops
-        area_range=(max(config.crop_area_min, TEACHER_CROP_AREA_MIN), 1.0),
-        name="teacher training", verbose=verbose)
-    if replicas.is_chief:
-        workdirs.save_model(teacher, path)
+    with replicas.scope():
+        teacher = build.untrained_teacher(config, spec, num_classes)
+        fit_with_labels(
+            teacher, config, source, size=spec.size,
+            optimizer=epoch_warmup_optimizer(config, steps, config.teacher_epochs),
+            steps_per_epoch=steps, epochs=config.teacher_epochs,
+            checkpoint_dir=workdirs.teacher_checkpoint_dir(os.path.dirname(path), index),
+            replicas=replicas, seed=config.seed + 1 + index,  # ensemble members: own crops
+            area_range=(max(config.crop_area_min, TEACHER_CROP_AREA_MIN), 1.0),
+            name="teacher training", verbose=verbose)
+    # Mirrored training keeps the workers' copies equal; this makes sure of it.
+    replicas.broadcast_from_chief(teacher.weights)
+    return teacher
 
 
 def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int = 1,

@@ -31,10 +31,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
 
     Models, optimizer and `Distiller` are built and trained inside the
     replication scope (`distribute.replication`); `config.batch_size` is the
-    global batch, split over the replicas. Under multi-worker training every
-    worker shares `workdir`, but only the chief writes checkpoints, reports and
-    `student.keras` there; the others write their student and logs to
-    `workdir/workertemp_<task>/`.
+    global batch, split over the replicas. Under multi-worker training the
+    workers share `workdir` or each have their own: only the chief writes
+    checkpoints, the trained teacher, reports and `student.keras` there; the
+    others write their student and logs to `workdir/workertemp_<task>/`. What
+    the chief's workdir holds decides for all: on a resume each worker gets the
+    chief's teacher and checkpoint state from the chief, never from a disk.
 
     Args:
         config: `ml_collections.ConfigDict` from `funmatch_keras.configs`.
@@ -71,21 +73,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         # No worker restores before the chief's --overwrite is done. (Today the first
         # variable creation under MultiWorkerMirroredStrategy also waits for the chief.)
         replicas.barrier()
+        start = time.time()
+        keras.utils.set_random_seed(config.seed)
+        if config.deterministic and keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.experimental.enable_op_determinism()
+        train_source = build.source(config, "train")
+        # Outside the scope: it enters it to train, and saves outside it.
+        trained = supervised.train_missing_teachers(config, workdir, train_source, replicas,
+                                                    verbose)
         with replicas.scope():
-            return _run(config, workdir, checkpoint_dir, replicas, verbose)
+            return _run(config, workdir, checkpoint_dir, replicas, verbose, start,
+                        train_source, trained)
 
 
-def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
-    start = time.time()
-    keras.utils.set_random_seed(config.seed)
-    if config.deterministic and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-    train_source = build.source(config, "train")
+def _run(config, workdir, checkpoint_dir, replicas, verbose, start, train_source,
+         trained) -> dict[str, Any]:
     num_classes = build.num_classes(config, train_source)
-    supervised.train_missing_teachers(config, workdir, train_source, replicas, verbose)
-    teachers = build.teachers(config, num_classes, workdir)
+    teachers = build.teachers(config, num_classes, workdir, trained)
     student = build.student(config, num_classes)
     steps_per_epoch = build.steps_per_epoch(config, train_source)
     cadence = configs.cadence(config, steps_per_epoch)
@@ -145,7 +151,7 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
         every_minutes=config.checkpoint_every_minutes,
         log_every_steps=cadence.log_every_steps,
         steps_per_epoch=steps_per_epoch, epochs=config.epochs, name="distillation",
-        saved=student, is_chief=replicas.is_chief, callbacks=[logger], verbose=fit_verbose)
+        saved=student, replicas=replicas, callbacks=[logger], verbose=fit_verbose)
 
     student_path = workdirs.save_model(student, os.path.join(workdir, workdirs.STUDENT_FILE))
     test_ds = data.eval_pipeline(build.source(config, "test"), size=config.student_size,

@@ -4,6 +4,7 @@ The 2-replica tests run in this process on the two logical CPUs of conftest;
 multi-worker and JAX runs are `funmatch distill` subprocesses.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -108,6 +109,27 @@ def test_replication_of_a_strategy_and_from_the_environment(monkeypatch):
         assert tf.distribute.get_strategy() is replicas.strategy
     monkeypatch.setenv(distribute.ENV_VAR, "default")
     assert distribute.replication().num_replicas == 1
+
+
+@pytest.mark.parametrize("is_chief", [True, False])
+def test_values_from_the_chief_arrive_exactly_in_every_dtype(is_chief):
+    # Two local replicas stand for two workers' replicas: only the chief's first
+    # one contributes to the sum, so every worker receives the chief's values.
+    replicas = dataclasses.replace(distribute.replication(two_cpu_strategy()),
+                                   is_chief=is_chief, num_workers=2)
+    values = [np.array([[1 / 3, -2e-30], [7.0, np.pi]], "float32"),
+              np.array([1 / 3], "float64"), np.array(2**40 + 3, "int64"),
+              np.array([True, False]), np.array([1 / 3, 65504], "float16"),
+              np.array([1 / 3, 3e38], tf.bfloat16.as_numpy_dtype)]
+    received = replicas._from_chief(values)
+    for value, got in zip(values, received):
+        assert got.dtype == value.dtype and got.shape == value.shape
+        expected = value if is_chief else np.zeros_like(value)
+        np.testing.assert_array_equal(got, expected)  # bit for bit
+    variable = keras.Variable(np.ones((2, 3), "float32"))
+    replicas.broadcast_from_chief([variable])
+    np.testing.assert_array_equal(variable.numpy(), np.full((2, 3), float(is_chief)))
+    assert replicas.chief_value(True) == int(is_chief)
 
 
 # --------------------------------------------------------------- bad input

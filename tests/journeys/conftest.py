@@ -9,10 +9,14 @@ user. The assertions are what a user would check: exit codes, files, the numbers
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -116,3 +120,93 @@ def _funmatch_commands(text: str) -> list[list[str]]:
 def readme_funmatch_commands(readme) -> list[list[str]]:
     """Every `funmatch ...` command of the README's bash blocks, split as a shell would."""
     return _funmatch_commands(readme.text)
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (held together, so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Cluster:
+    """The processes of one multi-worker run: worker `i` runs `commands[i]`."""
+
+    def __init__(self, cwd: Path, name: str, commands: list[list[str]], env: dict[str, str]):
+        workers = [f"127.0.0.1:{port}" for port in _free_ports(len(commands))]
+        self.logs = [cwd / f"{name}-worker{i}.log" for i in range(len(commands))]
+        self.procs = []
+        for index, (command, log) in enumerate(zip(commands, self.logs)):
+            tf_config = {"cluster": {"worker": workers},
+                         "task": {"type": "worker", "index": index}}
+            with open(log, "w") as out:
+                self.procs.append(subprocess.Popen(
+                    command, cwd=cwd, env=fresh_env(TF_CONFIG=json.dumps(tf_config), **env),
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+
+    def log(self, index: int) -> str:
+        return self.logs[index].read_text(errors="replace")
+
+    def explain(self) -> str:
+        return "\n".join(f"--- worker {i} (exit {p.poll()}) ---\n{self.log(i)[-5000:]}"
+                         for i, p in enumerate(self.procs))
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        """Every worker's exit code; all are killed if one is still running at `timeout`."""
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+                pytest.fail(f"the workers ran past {timeout} s\n{self.explain()}")
+        return [proc.returncode for proc in self.procs]
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 300,
+                 poll_s: float = 0.05) -> None:
+        """Polls `condition` until it holds; fails if every worker exits first, or at `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if all(p.poll() is not None for p in self.procs) or time.monotonic() > deadline:
+                self.kill_all()
+                pytest.fail(f"the awaited state never came\n{self.explain()}")
+            time.sleep(poll_s)
+
+    def kill(self, index: int) -> None:
+        """`kill -9` of worker `index`, as a lost machine."""
+        self.procs[index].send_signal(signal.SIGKILL)
+        self.procs[index].wait()
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+class Workers:
+    """Starts commands as the workers of one local cluster (`TF_CONFIG` on free ports)."""
+
+    def __init__(self, cwd: Path):
+        self.cwd = cwd
+        self.clusters: list[Cluster] = []
+
+    def funmatch(self, *commands: list[str], name: str = "run", **env: str) -> Cluster:
+        """Worker `i` runs `funmatch commands[i]`; returns at once."""
+        cluster = Cluster(self.cwd, f"{name}{len(self.clusters)}",
+                          [[sys.executable, "-m", "funmatch_keras.cli", *args]
+                           for args in commands], env)
+        self.clusters.append(cluster)
+        return cluster
+
+
+@pytest.fixture
+def workers(tmp_path: Path):
+    """Runs multi-worker `funmatch` commands as local processes; none outlives the test."""
+    started = Workers(tmp_path)
+    yield started
+    for cluster in started.clusters:
+        cluster.kill_all()
