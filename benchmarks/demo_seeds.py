@@ -6,7 +6,7 @@ the data split's shuffle, the teacher's and the students' initial weights and
 the augmentation, and reports for the teacher, the label-trained student and
 the distilled student the mean ± std of test top-1 and of agreement with the
 teacher, and the distilled-minus-label gap. The README's demo table is this
-script's output, and so is `funmatch_keras.demo.REFERENCE` (printed as a
+script's output, and so is `funmatch_keras.app.demo.REFERENCE` (printed as a
 Python literal to paste there), which the demo prints beside its own run. The
 last line is JSON.
 
@@ -27,8 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-from funmatch_keras import hardware  # noqa: E402
-from funmatch_keras.demo import ROWS, run_demo  # noqa: E402
+from funmatch_keras.app.demo import ROWS, run_demo  # noqa: E402
+from funmatch_keras.tuning import hardware  # noqa: E402
 
 
 def summarize(reports: list[dict]) -> dict:
@@ -49,7 +49,8 @@ def summarize(reports: list[dict]) -> dict:
             summary[name][f"{key}_mean"] = round(statistics.fmean(values), 5)
             summary[name][f"{key}_std"] = round(
                 statistics.stdev(values) if len(values) > 1 else 0.0, 5)
-    gaps = [r["results"]["distilled student"]["top1"] - r["results"]["label-trained student"]["top1"]
+    gaps = [r["results"]["distilled student"]["top1"]
+            - r["results"]["label-trained student"]["top1"]
             for r in reports]
     summary["gap_mean"] = round(statistics.fmean(gaps), 5)
     summary["gap_min"] = round(min(gaps), 5)
@@ -82,7 +83,7 @@ def machine() -> str:
 
 
 def reference_literal(summary: dict, seeds: list[int], machine: str) -> str:
-    """`summary` as the `REFERENCE` constant of `funmatch_keras/demo.py`.
+    """`summary` as the `REFERENCE` constant of `funmatch_keras/app/demo.py`.
 
     >>> row = {"top1_mean": 0.9, "top1_std": 0.01, "agreement_mean": 1.0, "agreement_std": 0.0}
     >>> summary = {**{name: row for name in ROWS}, "gap_mean": 0.012, "gap_min": 0.005}

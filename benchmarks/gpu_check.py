@@ -308,8 +308,9 @@ class _WindowClock:
 def _build_distiller(policy: str, size: int, args: argparse.Namespace):
     import keras
 
-    from funmatch_keras import models, optim
+    from funmatch_keras import models
     from funmatch_keras.distiller import Distiller
+    from funmatch_keras.optim import optimizers as optim
 
     keras.mixed_precision.set_global_policy(policy)
     try:
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     # keras.utils.set_random_seed imports TensorFlow itself wherever it is installed.
     import funmatch_keras.distiller  # noqa: F401
     import funmatch_keras.models  # noqa: F401
-    import funmatch_keras.optim  # noqa: F401
+    import funmatch_keras.optim.optimizers  # noqa: F401
 
     tf_imported = "tensorflow" in sys.modules
     report = Report(args.out, start, args.budget_s)

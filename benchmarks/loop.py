@@ -38,10 +38,15 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 
-from funmatch_keras import (build, configs, data, hardware, models, steplog,  # noqa: E402
-                            train, workdir as workdirs)
-from funmatch_keras.checkpoint import CheckpointManager  # noqa: E402
+from funmatch_keras import configs, models
+from funmatch_keras.app import build
+from funmatch_keras.app import distill as train
+from funmatch_keras.app import workdir as workdirs
+from funmatch_keras.data import pipelines as data
 from funmatch_keras.distiller import Distiller  # noqa: E402
+from funmatch_keras.training import steplog
+from funmatch_keras.training.checkpoint import CheckpointManager  # noqa: E402
+from funmatch_keras.tuning import hardware
 
 STRUCTURES = (2, 6, 100)  # steps per epoch: Flowers102, Pets37, a large dataset
 
@@ -165,7 +170,8 @@ def main() -> None:
           f"in the background. At the default cadence (every {between_s:.0f} s here) that is "
           f"{save_s / between_s:.2%} of the run in the thread, {blocking_s / between_s:.2%} "
           "in the background.")
-    print(f"CPU: {hardware.describe()}; TF backend, jit_compile={args.jit}, batch {args.batch_size}, "
+    print(f"CPU: {hardware.describe()}; TF backend, jit_compile={args.jit}, "
+          f"batch {args.batch_size}, "
           f"{args.size} px.")
     print(json.dumps({f"ratio_{r['steps_per_epoch']}": r["ratio"] for r in rows}
                      | {"checkpoint_s": round(save_s, 3),

@@ -49,10 +49,15 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from funmatch_keras import (build, configs, data, distribute, losses, optim,  # noqa: E402
-                           supervised, teacher_cache)
+from funmatch_keras import configs, losses
+from funmatch_keras.app import build
+from funmatch_keras.app import train_teacher as supervised
+from funmatch_keras.data import pipelines as data
+from funmatch_keras.data import teacher_cache
+from funmatch_keras.data.sources import digits_source  # noqa: E402
 from funmatch_keras.distiller import Distiller  # noqa: E402
-from funmatch_keras.sources import digits_source  # noqa: E402
+from funmatch_keras.optim import optimizers as optim
+from funmatch_keras.training import distribute
 
 MODES = ("fixed_teacher", "independent", "consistent", "function_matching")
 LABELS = {"fixed_teacher": "fixed teacher", "independent": "independent noise",

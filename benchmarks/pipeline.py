@@ -1,7 +1,7 @@
 """Input pipeline vs. distillation step throughput (images/s).
 
 Measures, on this machine:
-1. the function-matching train pipeline (`funmatch_keras.data.train_pipeline`)
+1. the function-matching train pipeline (`funmatch_keras.data.pipelines.train_pipeline`)
    reading ~400x500 JPEG TFRecords it writes to a temp dir, at 128 px;
 2. one distillation step (BiT-R50x1 student, BiT-R101x1 teacher, 128 px, Adam)
    on a batch already in memory.
@@ -31,7 +31,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import funmatch_keras as fm  # noqa: E402
-from funmatch_keras import data, file_sources, models  # noqa: E402
+from funmatch_keras import models  # noqa: E402
+from funmatch_keras.data import file_sources
+from funmatch_keras.data import pipelines as data
 
 SIZE = 128
 NUM_CLASSES = 37

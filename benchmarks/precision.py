@@ -40,8 +40,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from funmatch_keras import build, data, hardware, models, optim, sources  # noqa: E402
+from funmatch_keras import models  # noqa: E402
+from funmatch_keras.app import build
+from funmatch_keras.data import pipelines as data
+from funmatch_keras.data import sources
 from funmatch_keras.distiller import Distiller  # noqa: E402
+from funmatch_keras.optim import optimizers as optim
+from funmatch_keras.tuning import hardware
 
 SETTINGS = (  # name, teacher dtype, student dtype
     ("float32", "float32", "float32"),

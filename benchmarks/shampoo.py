@@ -56,10 +56,15 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from funmatch_keras import (build, configs, data, distribute, hardware, models, optim,  # noqa: E402
-                            supervised)
+from funmatch_keras import configs, models
+from funmatch_keras.app import build
+from funmatch_keras.app import train_teacher as supervised
+from funmatch_keras.data import pipelines as data
+from funmatch_keras.data.sources import digits_source  # noqa: E402
 from funmatch_keras.distiller import Distiller  # noqa: E402
-from funmatch_keras.sources import digits_source  # noqa: E402
+from funmatch_keras.optim import optimizers as optim
+from funmatch_keras.training import distribute
+from funmatch_keras.tuning import hardware
 
 
 class Recorder(keras.callbacks.Callback):

@@ -81,8 +81,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import funmatch_keras as fm  # noqa: E402
-from funmatch_keras import data, hardware, models, optim  # noqa: E402
-from funmatch_keras.sources import digits_source  # noqa: E402
+from funmatch_keras import models  # noqa: E402
+from funmatch_keras.data import pipelines as data
+from funmatch_keras.data.sources import digits_source  # noqa: E402
+from funmatch_keras.optim import optimizers as optim
+from funmatch_keras.tuning import hardware
 
 NUM_CLASSES = 10  # digits, for the agreement check
 AGREEMENT_TARGET = 0.995
@@ -645,7 +648,6 @@ def main() -> None:
     fastest = min(ours, key=lambda r: r["ms"])
     fastest_valid = min([r for r in ours if valid(r)] or ours, key=lambda r: r["ms"])
     fastest_fp32 = min([r for r in ours if "bf16" not in r["variant"]], key=lambda r: r["ms"])
-    by_row = {r["variant"]: r for r in rows}
     default = next(r for r in rows if r["variant"].startswith("ours_default"))
     tuned = next(r for r in rows if r["variant"].startswith("ours_tuned"))
     print(f"\nfastest of ours: {fastest['variant']} ({fastest['ms']:.0f} ms); fastest with "

@@ -28,7 +28,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from funmatch_keras import hardware, models  # noqa: E402
+from funmatch_keras import models  # noqa: E402
+from funmatch_keras.tuning import hardware
 
 DTYPES = ("float32", "mixed_bfloat16", "bfloat16")
 

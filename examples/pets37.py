@@ -11,7 +11,8 @@ Rerun the same command after an interruption: it resumes from the last checkpoin
 """
 import argparse
 
-from funmatch_keras import configs, train
+from funmatch_keras import configs
+from funmatch_keras.app import distill as train
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--variant", default="fast", choices=["fast", "medium", "long"])

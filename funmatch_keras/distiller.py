@@ -8,9 +8,9 @@ from typing import Sequence
 import keras
 from keras import ops
 
-from funmatch_keras import compat
 from funmatch_keras.losses import DistillationKL, check_temperature, kl_divergence_from_logits
 from funmatch_keras.models import checks
+from funmatch_keras.training import compat
 
 # Keys a dict batch may carry. Anything else is a typo we report.
 STUDENT_KEY = "student"
@@ -104,7 +104,8 @@ class Distiller(keras.Model):
         elif isinstance(teacher, (list, tuple)):
             teachers = list(teacher)
             if not teachers:
-                raise ValueError("`teacher` is an empty list: pass a model, a list of models or None.")
+                raise ValueError(
+                    "`teacher` is an empty list: pass a model, a list of models or None.")
         else:
             teachers = [teacher]
         checks.check_models(teachers, student)

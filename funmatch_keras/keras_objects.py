@@ -19,8 +19,12 @@ already in `sys.modules`, which finish and register themselves.
 Example:
 >>> import keras
 >>> import funmatch_keras
->>> sorted(registered())
-['funmatch_keras>BitHyperRuleSchedule', 'funmatch_keras>DistillationKL', 'funmatch_keras>Shampoo', 'funmatch_keras>StdConv2D']
+>>> for name in sorted(registered()):
+...     print(name)
+funmatch_keras>BitHyperRuleSchedule
+funmatch_keras>DistillationKL
+funmatch_keras>Shampoo
+funmatch_keras>StdConv2D
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ PACKAGE = "funmatch_keras"
 # imports the whole package and fails if a registered class lives elsewhere.
 DEFINING_MODULES = (
     "funmatch_keras.losses",
-    "funmatch_keras.schedules",
-    "funmatch_keras.shampoo",
+    "funmatch_keras.optim.schedules",
+    "funmatch_keras.optim.shampoo_optimizer",
     "funmatch_keras.models.bit",
 )
 

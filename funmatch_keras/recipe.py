@@ -1,8 +1,8 @@
 """The paper's named choices: teaching modes and dataset presets.
 
 Plain Python data, importable without TensorFlow or Keras (configs read it to
-validate fields). `funmatch_keras.data` implements the modes and
-`funmatch_keras.sources` reads the presets.
+validate fields). `funmatch_keras.data.pipelines` implements the modes and
+`funmatch_keras.data.sources` reads the presets.
 
 Reference: Beyer et al., "Knowledge distillation: A good teacher is patient and
 consistent", CVPR 2022 (arXiv 2106.05237), Sec. 3-4.

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from funmatch_keras import file_sources
+from funmatch_keras.data import file_sources
 
 
 def arrays(n=10, h=20, w=24, seed=0):

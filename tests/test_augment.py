@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import augment
+from funmatch_keras.data import augment
 
 
 def run_eager_and_in_dataset(fn, *args):
@@ -113,7 +113,8 @@ def test_mixup_seeded_is_reproducible_and_applies_to_nests():
 
 def test_mixup_in_dataset_map():
     ds = tf.data.Dataset.from_tensors(crafted_batch()).map(lambda b: augment.mixup(b, seed=[9, 9]))
-    np.testing.assert_allclose(next(iter(ds)).numpy(), augment.mixup(crafted_batch(), seed=[9, 9]).numpy())
+    np.testing.assert_allclose(next(iter(ds)).numpy(),
+                               augment.mixup(crafted_batch(), seed=[9, 9]).numpy())
 
 
 @pytest.mark.parametrize("size", [1, 5])

@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from funmatch_keras import build, configs, models
+from funmatch_keras import configs, models
+from funmatch_keras.app import build
 
 
 def _config(teacher: str, **overrides):

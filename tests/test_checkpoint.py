@@ -1,4 +1,4 @@
-"""Tests for funmatch_keras.checkpoint: round trips, pruning, atomicity, NaN, resume."""
+"""Tests for funmatch_keras.training.checkpoint: round trips, pruning, atomicity, NaN, resume."""
 
 import errno
 import json
@@ -10,13 +10,13 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-
-import funmatch_keras as fm
 import tensorflow as tf
 
-from funmatch_keras import checkpoint_format, loop, optim
-from funmatch_keras.checkpoint import CheckpointManager
-from funmatch_keras.checkpoint_callback import CheckpointCallback
+import funmatch_keras as fm
+from funmatch_keras.optim import optimizers as optim
+from funmatch_keras.training import checkpoint_format, loop
+from funmatch_keras.training.checkpoint import CheckpointManager
+from funmatch_keras.training.checkpoint_callback import CheckpointCallback
 
 BATCH = 4
 
@@ -213,7 +213,7 @@ def test_sigkill_mid_background_write_leaves_the_previous_checkpoint(tmp_path):
         import os, time
         import keras, numpy as np
         from funmatch_keras import checkpoint_format
-        from funmatch_keras.checkpoint import CheckpointManager
+        from funmatch_keras.training.checkpoint import CheckpointManager
 
         student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
         optimizer = keras.optimizers.Adam()
@@ -391,8 +391,8 @@ def test_jax_backend_round_trip(tmp_path):
         import keras, numpy as np
         import funmatch_keras as fm
         from funmatch_keras import optim
-        from funmatch_keras.checkpoint import CheckpointManager
-        from funmatch_keras.checkpoint_callback import CheckpointCallback
+        from funmatch_keras.training.checkpoint import CheckpointManager
+        from funmatch_keras.training.checkpoint_callback import CheckpointCallback
 
         def student(seed):
             keras.utils.set_random_seed(seed)

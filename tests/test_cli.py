@@ -1,4 +1,4 @@
-"""Tests for funmatch_keras.cli: `--help` answers without importing TensorFlow.
+"""Tests for funmatch_keras.app.cli: `--help` answers without importing TensorFlow.
 
 The commands themselves run in test_demo.py, test_train.py and test_distribute.py.
 """
@@ -24,7 +24,7 @@ if {stub}:
     package = types.ModuleType("funmatch_keras")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["funmatch_keras"] = package
-from funmatch_keras import cli
+from funmatch_keras.app import cli
 for argv in {argvs!r}:
     try:
         cli.main(argv)
@@ -53,7 +53,9 @@ def test_funmatch_help_does_not_import_tensorflow():
 
 
 def test_a_full_disk_exits_with_its_own_code(monkeypatch, capsys, tmp_path):
-    from funmatch_keras import checkpoint_format, cli, train
+    from funmatch_keras.app import cli
+    from funmatch_keras.app import distill as train
+    from funmatch_keras.training import checkpoint_format
 
     def full(*args, **kwargs):
         raise checkpoint_format.CheckpointWriteError(28, "No space left to write checkpoint 6")
@@ -67,7 +69,7 @@ def test_a_full_disk_exits_with_its_own_code(monkeypatch, capsys, tmp_path):
 def _funmatch(*args: str, cwd) -> subprocess.CompletedProcess:
     """`funmatch ARGS` in a fresh interpreter that imports this checkout."""
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "funmatch_keras.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "funmatch_keras.app.cli", *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
 
 

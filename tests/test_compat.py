@@ -10,8 +10,8 @@ import keras
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import compat, distribute
 from funmatch_keras.distiller import Distiller
+from funmatch_keras.training import compat, distribute
 from tests.conftest import two_cpu_strategy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

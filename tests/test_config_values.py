@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from funmatch_keras import cli, configs
+from funmatch_keras import configs
+from funmatch_keras.app import cli
 from funmatch_keras.configs import common
 
 FLOAT_FIELDS = [name for name, field in common.FIELDS.items() if float in field.types]

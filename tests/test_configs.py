@@ -1,5 +1,6 @@
-import json
 """Tests for funmatch_keras.configs: shipped configs, Table 4, overrides, storage."""
+
+import json
 
 import pytest
 
@@ -47,7 +48,8 @@ def test_list_configs():
 def test_every_config_mode_builds_a_data_pipeline():
     import numpy as np
 
-    from funmatch_keras import data, sources
+    from funmatch_keras.data import pipelines as data
+    from funmatch_keras.data import sources
 
     src = sources.array_source(np.zeros([4, 8, 8, 3], np.uint8), np.arange(4) % 2)
     for mode in common.MODES:

@@ -5,9 +5,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import augment, data, file_sources, sources
-from tests.image_fixtures import (arrays, check_images, constant_images,
-                                  constant_tfrecords, take, write_tfrecords, written_ids)
+from funmatch_keras.data import augment, file_sources, sources
+from funmatch_keras.data import pipelines as data
+from tests.image_fixtures import (
+    arrays,
+    check_images,
+    constant_images,
+    constant_tfrecords,
+    take,
+    write_tfrecords,
+    written_ids,
+)
 
 SIZE, TEACHER_SIZE = 16, 24
 

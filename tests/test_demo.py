@@ -6,7 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from funmatch_keras import cli, data, sources
+from funmatch_keras.app import cli
+from funmatch_keras.data import pipelines as data
+from funmatch_keras.data import sources
 
 # Under pytest-xdist (`make test`), the tests sharing this module's fixtures
 # run in one worker, so the fixtures are built once.
@@ -60,7 +62,7 @@ def test_export_command_on_a_demo_workdir_uses_its_test_and_train_images(demo_ru
 
 
 def test_demo_rejects_unknown_options(tmp_path):
-    from funmatch_keras.demo import run_demo
+    from funmatch_keras.app.demo import run_demo
 
     with pytest.raises(ValueError, match="Unknown config field 'epochz'"):
         run_demo(str(tmp_path), epochz=3)
@@ -78,7 +80,7 @@ def _report(teacher, label, distilled, epochs=3):
 
 
 def test_demo_table_prints_this_run_beside_the_reference_figures():
-    from funmatch_keras.demo import format_table
+    from funmatch_keras.app.demo import format_table
 
     reference = {"seeds": (0, 1, 2), "machine": "a test CPU",
                  "top1": {"teacher": (0.9901, 0.0021), "label-trained student": (0.9500, 0.004),
@@ -96,7 +98,7 @@ def test_demo_table_prints_this_run_beside_the_reference_figures():
 def test_demo_reference_is_the_readme_table():
     import pathlib
 
-    from funmatch_keras.demo import REFERENCE
+    from funmatch_keras.app.demo import REFERENCE
 
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("## The demo", 1)[1].split("\n## ", 1)[0]
@@ -109,7 +111,7 @@ def test_demo_reference_is_the_readme_table():
 
 
 def test_demo_teacher_ensemble_predicts_from_averaged_logits():
-    from funmatch_keras.demo import predict_classes
+    from funmatch_keras.app.demo import predict_classes
 
     def fixed_logits(values):
         model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(3, use_bias=True)])
@@ -126,7 +128,7 @@ def test_demo_teacher_ensemble_predicts_from_averaged_logits():
 def test_demo_plot_is_a_png_with_top1_and_agreement_panels(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from funmatch_keras.demo import plot_curves
+    from funmatch_keras.app.demo import plot_curves
 
     saved = []  # the figure, kept open for inspection instead of closed
     monkeypatch.setattr(plt, "close", saved.append)
@@ -144,7 +146,7 @@ def test_demo_plot_is_a_png_with_top1_and_agreement_panels(tmp_path, monkeypatch
 
 def test_demo_runs_the_digits_demo_variant_and_the_benchmarks_keep_the_default():
     from funmatch_keras import configs
-    from funmatch_keras.demo import CONFIG
+    from funmatch_keras.app.demo import CONFIG
 
     demo, default = configs.load_config(CONFIG), configs.load_config("digits")
     # Only the student, the crops, the temperature and the length differ; the

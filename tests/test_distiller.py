@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import two_cpu_strategy
 from funmatch_keras import Distiller
+from tests.conftest import two_cpu_strategy
 from tests.test_losses import numpy_distillation_kl
 
 NUM_CLASSES = 5
@@ -47,7 +47,8 @@ def test_loss_equals_reference_and_labels_do_not_enter(rng):
     distiller = Distiller(teacher, student, temperature=3.0)
     distiller.compile(optimizer="sgd")
     x, y = data(rng)
-    expected = numpy_distillation_kl(teacher.predict(x, verbose=0), student.predict(x, verbose=0), 3.0)
+    expected = numpy_distillation_kl(teacher.predict(x, verbose=0),
+                                     student.predict(x, verbose=0), 3.0)
     with_labels = distiller.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
     without = distiller.evaluate(x, batch_size=16, verbose=0, return_dict=True)
     assert with_labels["loss"] == pytest.approx(expected.mean(), rel=1e-5)
@@ -104,7 +105,8 @@ def test_ensemble_is_mean_of_logits(rng):
     np.testing.assert_allclose(distiller.teacher_logits(x).numpy(), mean, atol=1e-6)
     distiller.compile(optimizer="sgd")
     loss = distiller.evaluate(x, batch_size=16, verbose=0, return_dict=True)["loss"]
-    assert loss == pytest.approx(numpy_distillation_kl(mean, student.predict(x, verbose=0), 2.0).mean(), rel=1e-5)
+    expected = numpy_distillation_kl(mean, student.predict(x, verbose=0), 2.0).mean()
+    assert loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_dict_batches_route_each_view_to_its_model(rng):
@@ -114,8 +116,10 @@ def test_dict_batches_route_each_view_to_its_model(rng):
     distiller.compile(optimizer="sgd")
     xs, y = data(rng, dim=6)
     xt, _ = data(rng, dim=9)
-    logs = distiller.evaluate({"student": xs, "teacher": xt}, y, batch_size=16, verbose=0, return_dict=True)
-    expected = numpy_distillation_kl(teacher.predict(xt, verbose=0), student.predict(xs, verbose=0), 1.0)
+    logs = distiller.evaluate({"student": xs, "teacher": xt}, y, batch_size=16, verbose=0,
+                              return_dict=True)
+    expected = numpy_distillation_kl(teacher.predict(xt, verbose=0),
+                                     student.predict(xs, verbose=0), 1.0)
     assert logs["loss"] == pytest.approx(expected.mean(), rel=1e-5)
     np.testing.assert_allclose(distiller.predict({"student": xs, "teacher": xt}, verbose=0),
                                student.predict(xs, verbose=0), atol=1e-6)
@@ -253,7 +257,7 @@ def test_trains_under_jax_backend(tmp_path):
                          text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "CHECKS OK" in out.stdout
-    line = next(l for l in out.stdout.splitlines() if l.startswith("LOSS"))
+    line = next(row for row in out.stdout.splitlines() if row.startswith("LOSS"))
     _, first, last, _, agreement = line.split()
     assert float(last) < 0.5 * float(first)
     assert float(agreement) > 0.8

@@ -15,7 +15,8 @@ import keras
 import numpy as np
 import pytest
 
-from funmatch_keras import DistillationKL, Distiller, build, configs
+from funmatch_keras import DistillationKL, Distiller, configs
+from funmatch_keras.app import build
 from funmatch_keras.models import checks
 from tests.test_distiller import NUM_CLASSES, data, mlp
 
@@ -54,7 +55,7 @@ def test_the_cli_and_the_python_api_refuse_a_teacher_with_the_same_message(
                           nan=teacher_file == "nan")
     # The CLI: `funmatch distill` in a fresh process exits 2 (bad input) with the message.
     done = subprocess.run(
-        [sys.executable, "-m", "funmatch_keras.cli", "distill", "--config=digits:smoke=True",
+        [sys.executable, "-m", "funmatch_keras.app.cli", "distill", "--config=digits:smoke=True",
          f"--config.teacher={path}", f"--workdir={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=ROOT))

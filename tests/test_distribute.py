@@ -18,9 +18,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import configs, data, distribute, models, sources, train
-from funmatch_keras import workdir as workdirs
+from funmatch_keras import configs, models
+from funmatch_keras.app import distill as train
+from funmatch_keras.app import workdir as workdirs
+from funmatch_keras.data import pipelines as data
+from funmatch_keras.data import sources
 from funmatch_keras.distiller import Distiller
+from funmatch_keras.training import distribute
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,7 +246,7 @@ def teacher_file(tmp_path_factory):
 
 
 def _distill_command(workdir, *overrides):
-    return [sys.executable, "-m", "funmatch_keras.cli", "distill",
+    return [sys.executable, "-m", "funmatch_keras.app.cli", "distill",
             "--config=digits:smoke=True", f"--workdir={workdir}", "--verbose=0", *overrides]
 
 
@@ -284,7 +288,7 @@ def _tail(path):
 # that restored before the chief moved the old run aside would resume it.
 _SLOW_CHIEF_OVERWRITE = """
 import sys, time
-from funmatch_keras import cli, workdir as workdirs
+from funmatch_keras.app import cli, workdir as workdirs
 prepare = workdirs.prepare
 def slow_prepare(workdir, config, overwrite):
     if overwrite and "workertemp_" not in workdir:  # the chief, on the shared workdir

@@ -1,4 +1,4 @@
-"""Tests for funmatch_keras.export: every format round-trips with parity.
+"""Tests for funmatch_keras.export.formats: every format round-trips with parity.
 
 A tiny conv net is trained for a few seconds on scikit-learn's digits (8x8,
 upscaled to 32x32), so that top-1 agreement measures something real.
@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import augment
-from funmatch_keras import export as fx
-from funmatch_keras import verify as fv
-
-from tests.export_fixtures import SIZE, digits, student, tiny_student  # noqa: F401
+from funmatch_keras.data import augment
+from funmatch_keras.export import formats as fx
+from funmatch_keras.export import verify as fv
+from tests.export_fixtures import SIZE, tiny_student
 
 # Under pytest-xdist (`make test`), the tests sharing this module's fixtures
 # run in one worker, so the fixtures are built once.

@@ -1,4 +1,4 @@
-"""ONNX export (`funmatch_keras.export_onnx`): Keras's own `model.export(format="onnx")`,
+"""ONNX export (`funmatch_keras.export.onnx`): Keras's own `model.export(format="onnx")`,
 run in onnxruntime, in the same parity report as TFLite; a failed conversion is a
 failed row and the other formats still export.
 
@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import augment, export_onnx, ship
-from funmatch_keras import export as fx
+from funmatch_keras.app import export as ship
+from funmatch_keras.data import augment
+from funmatch_keras.export import formats as fx
+from funmatch_keras.export import onnx as export_onnx
 from tests.export_fixtures import SIZE, tiny_student
 
 onnxruntime = pytest.importorskip("onnxruntime")

@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import data, file_sources
-from tests.image_fixtures import (arrays, check_images, constant_tfrecords, take,
-                                  write_image_folder, write_tfrecords, written_ids)
+from funmatch_keras.data import file_sources
+from funmatch_keras.data import pipelines as data
+from tests.image_fixtures import (
+    arrays,
+    check_images,
+    constant_tfrecords,
+    take,
+    write_image_folder,
+    write_tfrecords,
+    written_ids,
+)
 
 SIZE = 16
 

@@ -1,8 +1,8 @@
-"""Tests for funmatch_keras.hardware on crafted /proc/cpuinfo texts."""
+"""Tests for funmatch_keras.tuning.hardware on crafted /proc/cpuinfo texts."""
 
 import pytest
 
-from funmatch_keras import hardware
+from funmatch_keras.tuning import hardware
 
 _SAPPHIRE_RAPIDS = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8481C

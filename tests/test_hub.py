@@ -15,7 +15,8 @@ import keras
 import numpy as np
 import pytest
 
-from funmatch_keras import configs, models, train
+from funmatch_keras import configs, models
+from funmatch_keras.app import distill as train
 from funmatch_keras.distiller import Distiller
 from funmatch_keras.models import hub
 from tests.model_harness import run_model_spec_test
@@ -101,7 +102,7 @@ def test_a_student_gets_a_new_head_and_keeps_the_preset_backbone(preset, tmp_pat
 
 
 def test_a_reheaded_hub_student_exports_with_parity(preset, tmp_path):
-    from funmatch_keras import export
+    from funmatch_keras.export import formats as export
 
     student = models.build("keras_hub:" + preset, num_classes=4, image_size=32, new_head=True)
     images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype("float32")

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import checkpoint_callback, cli, loop
-from funmatch_keras.checkpoint import CheckpointManager
+from funmatch_keras.app import cli
+from funmatch_keras.training import checkpoint_callback, loop
+from funmatch_keras.training.checkpoint import CheckpointManager
 
 
 def _model():
@@ -205,7 +206,7 @@ RUN_ARGS = ["--config=digits:smoke=True", "--config.epochs=4", "--config.steps_p
 
 def _distill(workdir):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen([sys.executable, "-m", "funmatch_keras.cli", "distill",
+    return subprocess.Popen([sys.executable, "-m", "funmatch_keras.app.cli", "distill",
                              f"--workdir={workdir}", *RUN_ARGS], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -1,10 +1,10 @@
-"""Tests for funmatch_keras.matrix_roots: both root methods against a float64 NumPy reference."""
+"""funmatch_keras.optim.matrix_roots: both root methods against a float64 NumPy reference."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import matrix_roots
+from funmatch_keras.optim import matrix_roots
 from tests.test_shampoo import inverse_fourth_root
 
 

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from funmatch_keras import models
-from tests.model_harness import run_model_spec_test, run_model_spec_test_in_subprocess
 from funmatch_keras.models import (
     StdConv2D,
     bit_r50x1,
@@ -30,6 +29,7 @@ from funmatch_keras.models import (
     load_timm_bit,
     save_bit_npz,
 )
+from tests.model_harness import run_model_spec_test, run_model_spec_test_in_subprocess
 
 SIZE = 64
 CLASSES = 5

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import optim
+from funmatch_keras.optim import optimizers as optim
 
 
 def paper_schedule(step, lr, total, warmup):

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import build, configs, optim
-from funmatch_keras.checkpoint import CheckpointManager
-from funmatch_keras.shampoo import Shampoo, block_layout
+from funmatch_keras import configs
+from funmatch_keras.app import build
+from funmatch_keras.optim import optimizers as optim
+from funmatch_keras.optim.shampoo_optimizer import Shampoo, block_layout
+from funmatch_keras.training.checkpoint import CheckpointManager
 from tests.conftest import two_cpu_strategy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests for funmatch_keras.ship: `funmatch export` of a workdir's student.
+"""Tests for funmatch_keras.app.export: `funmatch export` of a workdir's student.
 
 The writers and their parity targets are tested in tests/test_export.py; these
 check the workdir side: finding the student, the config's images, the report.
@@ -11,10 +11,9 @@ import keras
 import pytest
 
 from funmatch_keras import configs
-from funmatch_keras import export as fx
-from funmatch_keras import ship
-
-from tests.export_fixtures import SIZE, digits, student, tiny_student  # noqa: F401
+from funmatch_keras.app import export as ship
+from funmatch_keras.export import formats as fx
+from tests.export_fixtures import SIZE, tiny_student
 
 # Under pytest-xdist (`make test`), the tests sharing this module's fixtures
 # run in one worker, so the fixtures are built once.
@@ -55,7 +54,7 @@ def test_run_export_from_workdir(student, digits, tmp_path):
 
 
 def test_num_images_must_be_positive(tmp_path, capsys):
-    from funmatch_keras import cli
+    from funmatch_keras.app import cli
 
     tiny_student().save(tmp_path / "student.keras")
     with pytest.raises(ValueError, match=r"num_images must be a positive.*--num_images=500"):
@@ -68,7 +67,7 @@ def test_num_images_must_be_positive(tmp_path, capsys):
 
 def test_export_to_output_dir_when_the_workdir_cannot_be_written(tmp_path, monkeypatch,
                                                                  capsys):
-    from funmatch_keras import cli
+    from funmatch_keras.app import cli
 
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -110,8 +109,8 @@ def _digits_workdir(path, model):
     (10, 24, r"takes 24 px images, config.json says student_size=32"),
 ])
 def test_a_student_that_does_not_match_config_json(tmp_path, capsys, classes, size, says):
-    from funmatch_keras import cli
-    from funmatch_keras.evaluate import evaluate_workdir
+    from funmatch_keras.app import cli
+    from funmatch_keras.app.evaluate import evaluate_workdir
 
     model = tiny_student(input_size=size)
     if classes != 10:
@@ -129,7 +128,7 @@ def test_a_student_that_does_not_match_config_json(tmp_path, capsys, classes, si
 
 
 def test_no_formats_given(tmp_path, capsys):
-    from funmatch_keras import cli
+    from funmatch_keras.app import cli
 
     tiny_student().save(tmp_path / "student.keras")
     assert cli.main(["export", f"--workdir={tmp_path}", "--formats="]) == 2
@@ -139,7 +138,7 @@ def test_no_formats_given(tmp_path, capsys):
 
 
 def test_two_exports_keep_both_records(tmp_path, capsys):
-    from funmatch_keras import cli
+    from funmatch_keras.app import cli
 
     tiny_student().save(tmp_path / "student.keras")
     assert cli.main(["export", f"--workdir={tmp_path}", "--formats=keras,saved_model"]) == 0
@@ -158,7 +157,7 @@ def test_a_failed_conversion_is_an_error_message_and_changes_nothing(tmp_path, c
                                                                      monkeypatch):
     import tensorflow as tf
 
-    from funmatch_keras import cli
+    from funmatch_keras.app import cli
 
     class FailingConverter:
         target_spec = type("Spec", (), {})()
@@ -178,7 +177,7 @@ def test_a_failed_conversion_is_an_error_message_and_changes_nothing(tmp_path, c
 
 
 def test_a_student_keras_with_a_lambda_gets_a_fix_not_safe_mode(tmp_path, capsys):
-    from funmatch_keras import cli
+    from funmatch_keras.app import cli
 
     inputs = keras.Input((SIZE, SIZE, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Lambda(lambda x: x)(inputs))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import data, file_sources, sources
+from funmatch_keras.data import file_sources, sources
+from funmatch_keras.data import pipelines as data
 from tests.image_fixtures import arrays, jpeg, take, write_tfrecords
 
 SIZE = 8

@@ -7,9 +7,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from funmatch_keras import data, file_sources, recipe, sources
-from tests.image_fixtures import (arrays, check_images, constant_tfrecords, take,
-                                  write_tfrecords)
+from funmatch_keras import recipe
+from funmatch_keras.data import file_sources, sources
+from funmatch_keras.data import pipelines as data
+from tests.image_fixtures import arrays, check_images, constant_tfrecords, take, write_tfrecords
 
 SIZE = 16
 
@@ -110,7 +111,7 @@ def _tfds_config(**overrides):
 
 
 def test_build_source_reads_any_tfds_dataset_with_the_splits_of_the_config(tmp_path):
-    from funmatch_keras import build
+    from funmatch_keras.app import build
 
     config = _tfds_config(dataset="cifar10", data_dir=str(tmp_path), train_split="train[:90%]",
                           validation_split="train[90%:]", test_split="test")
@@ -127,7 +128,7 @@ def test_build_source_reads_any_tfds_dataset_with_the_splits_of_the_config(tmp_p
 
 
 def test_build_source_split_fields_override_a_preset_verbatim(tmp_path):
-    from funmatch_keras import build
+    from funmatch_keras.app import build
 
     # food101's tfds name is its preset name: "validation" must stay the tfds split
     # (the preset's validation role is "train[90%:]").

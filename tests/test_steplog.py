@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from funmatch_keras import loop, steplog
+from funmatch_keras.training import loop, steplog
 
 
 def _model():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import sources, stream
+from funmatch_keras.data import sources, stream
 from tests.image_fixtures import arrays
 
 

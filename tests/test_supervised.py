@@ -5,7 +5,9 @@ import sys
 import keras
 import pytest
 
-from funmatch_keras import configs, supervised, train
+from funmatch_keras import configs
+from funmatch_keras.app import distill as train
+from funmatch_keras.app import train_teacher as supervised
 
 
 @pytest.mark.parametrize("step, expected", [

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import augment, data, file_sources, sources, teacher_cache
+from funmatch_keras.data import augment, file_sources, sources, teacher_cache
+from funmatch_keras.data import pipelines as data
 from tests.image_fixtures import arrays, check_images, jpeg, png, take
 
 SIZE, TEACHER_SIZE = 16, 24
@@ -70,7 +71,7 @@ def test_fixed_teacher_logits_match_eval_view_and_are_cached(tmp_path):
 
 def test_cache_written_before_the_move_is_found_without_the_teacher(tmp_path):
     """The cache name is `teacher_logits_<key>.npy` with the key of the releases
-    that computed it in `funmatch_keras.data`: their workdirs must keep working.
+    that computed it in `funmatch_keras.data.pipelines`: their workdirs must keep working.
     The key below was computed by that code for this source and teacher."""
     images = np.arange(4 * 6 * 6 * 3, dtype=np.uint8).reshape(4, 6, 6, 3)
     src = sources.array_source(images, np.array([0, 1, 2, 1], np.int32), name="pinned")

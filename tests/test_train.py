@@ -9,9 +9,14 @@ import keras
 import numpy as np
 import pytest
 
-from funmatch_keras import cli, configs, data, loop, sources, train
-from funmatch_keras import workdir as workdirs
-from funmatch_keras.checkpoint import CheckpointManager
+from funmatch_keras import configs
+from funmatch_keras.app import cli
+from funmatch_keras.app import distill as train
+from funmatch_keras.app import workdir as workdirs
+from funmatch_keras.data import pipelines as data
+from funmatch_keras.data import sources
+from funmatch_keras.training import loop
+from funmatch_keras.training.checkpoint import CheckpointManager
 
 
 def smoke_config(**overrides):
@@ -37,13 +42,14 @@ def test_distill_writes_student_logs_and_an_honest_report(tmp_path):
     assert report["images_per_s"] > 0 and report["epochs"] == 2
     # The report's accuracy is the saved student's, recomputed here.
     student = keras.saving.load_model(os.path.join(workdir, "student.keras"), safe_mode=True)
-    images, labels = next(data.eval_pipeline(sources.digits_source("test"), size=config.student_size,
+    test = sources.digits_source("test")
+    images, labels = next(data.eval_pipeline(test, size=config.student_size,
                                              batch_size=1000).as_numpy_iterator())
     top1 = np.mean(student.predict(images, verbose=0).argmax(-1) == labels)
     assert report["student_top1"] == pytest.approx(top1, abs=1e-6)
     assert json.load(open(os.path.join(workdir, "report.json")))["steps"] == 6
     # `funmatch evaluate` reads the same workdir back.
-    logs = __import__("funmatch_keras.evaluate", fromlist=["x"]).evaluate_workdir(workdir)
+    logs = __import__("funmatch_keras.app.evaluate", fromlist=["x"]).evaluate_workdir(workdir)
     assert logs["student_top1"] == pytest.approx(top1, abs=1e-6)
 
 
@@ -73,7 +79,7 @@ class _Killed(Exception):
 
 @pytest.mark.slow
 def test_teacher_training_inside_distill_resumes_after_a_kill(tmp_path, monkeypatch, capsys):
-    from funmatch_keras.checkpoint_callback import CheckpointCallback
+    from funmatch_keras.training.checkpoint_callback import CheckpointCallback
 
     config = smoke_config(epochs=1, steps_per_epoch=1, checkpoint_every_steps=2,
                           log_every_steps=1, deterministic=True)
@@ -147,13 +153,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 RESUME_ARGS = ["--config=digits:smoke=True", "--config.epochs=4", "--config.steps_per_epoch=10",
-               "--config.checkpoint_every_steps=3", "--config.log_every_steps=1", "--config.deterministic=True",
+               "--config.checkpoint_every_steps=3", "--config.log_every_steps=1",
+               "--config.deterministic=True",
                "--config.keep_checkpoints=20", "--verbose=0"]
 
 
 def _distill(workdir, **popen):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen([sys.executable, "-m", "funmatch_keras.cli", "distill",
+    return subprocess.Popen([sys.executable, "-m", "funmatch_keras.app.cli", "distill",
                              f"--workdir={workdir}", *RESUME_ARGS], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
@@ -248,7 +255,7 @@ def test_cli_exit_code_3_when_training_stops_early(tmp_path, monkeypatch, capsys
 @pytest.mark.slow
 def test_a_workdir_written_before_the_layout_change_still_resumes(tmp_path, monkeypatch, capsys):
     """config.json without the newer fields (`teachers`), checkpoints, teacher.keras."""
-    from funmatch_keras.checkpoint_callback import CheckpointCallback
+    from funmatch_keras.training.checkpoint_callback import CheckpointCallback
 
     config = smoke_config(epochs=2, steps_per_epoch=2, checkpoint_every_steps=2)
     run_dir = tmp_path / "old"

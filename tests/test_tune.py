@@ -1,4 +1,4 @@
-"""The teacher compute path: candidates, timing, the agreement guard, and a run that keeps its choice."""
+"""The teacher compute path: candidates, timing, the agreement guard, a run keeping its choice."""
 
 import json
 import os
@@ -8,8 +8,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from funmatch_keras import compute_path, configs, hardware, models, train, tune
+from funmatch_keras import configs, models
+from funmatch_keras.app import compute_path
+from funmatch_keras.app import distill as train
 from funmatch_keras.distiller import Distiller
+from funmatch_keras.tuning import hardware, tune
 
 FP32, BF16 = "float32", tune.BFLOAT16
 
@@ -243,8 +246,8 @@ def test_a_run_tunes_once_saves_the_choice_and_a_resume_keeps_it(tmp_path, monke
     config = _config(epochs=60, eval_every_epochs=30, teacher=teacher, teacher_path_budget=0.9,
                      teacher_agreement_images=64)
     # Seconds-long steps: the budget (0.9 of the run's time) covers the real compiles.
-    _fake_timings(monkeypatch, {"no_xla_fp32_teacher": 3000.0,
-                                "teacher_xla_fp32_teacher": 1000.0, "step_xla_fp32_teacher": 2000.0})
+    _fake_timings(monkeypatch, {"no_xla_fp32_teacher": 3000.0, "teacher_xla_fp32_teacher": 1000.0,
+                                "step_xla_fp32_teacher": 2000.0})
     report = train.run(config, workdir, verbose=0)
     saved = json.load(open(os.path.join(workdir, "teacher_path.json")))
     assert saved["name"] == "teacher_xla_fp32_teacher" == report["teacher_path"]["name"]

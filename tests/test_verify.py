@@ -1,4 +1,4 @@
-"""Tests for funmatch_keras.verify: quantization maths and the artifact runners.
+"""Tests for funmatch_keras.export.verify: quantization maths and the artifact runners.
 
 Every format is verified end to end against a trained student in
 tests/test_export.py; these are the fast checks.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import verify as fv
+from funmatch_keras.export import verify as fv
 
 SIZE = 16
 

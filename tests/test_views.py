@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import views
+from funmatch_keras.data import views
 from tests.image_fixtures import arrays, check_images, jpeg
 
 SIZE, TEACHER_SIZE = 16, 24

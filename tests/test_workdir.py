@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import cli, configs, loop, supervised, train
-from funmatch_keras import workdir as workdirs
+from funmatch_keras import configs
+from funmatch_keras.app import cli
+from funmatch_keras.app import distill as train
+from funmatch_keras.app import train_teacher as supervised
+from funmatch_keras.app import workdir as workdirs
+from funmatch_keras.training import loop
 
 # A previous run's entries, as `funmatch distill` and `train-teacher` leave them.
 OLD_RUN = ["config.json", "checkpoints/ckpt-000000004/student.weights.h5", "teacher.keras",
@@ -151,7 +155,7 @@ def _distill(workdir, *overrides):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(
-        [sys.executable, "-m", "funmatch_keras.cli", "distill", "--config=digits:smoke=True",
+        [sys.executable, "-m", "funmatch_keras.app.cli", "distill", "--config=digits:smoke=True",
          f"--workdir={workdir}", *overrides], env=env, capture_output=True, text=True,
         timeout=600)
 

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from funmatch_keras import workdir_lock
-from funmatch_keras.workdir_lock import WorkdirLockedError, hold
+from funmatch_keras.app import workdir_lock
+from funmatch_keras.app.workdir_lock import WorkdirLockedError, hold
 
 # A second process trying the same workdir; prints the error and exits 2 if refused.
 _SECOND = """
 import sys
-from funmatch_keras import workdir_lock
+from funmatch_keras.app import workdir_lock
 try:
     with workdir_lock.hold(sys.argv[1]):
         print("acquired")
@@ -104,7 +104,7 @@ def test_a_foreign_lock_is_stale_once_its_heartbeat_is_old(tmp_path, caplog):
         with hold(str(tmp_path)):
             pass
     _age_lock(tmp_path, workdir_lock.STALE_AFTER_S + 60)
-    with caplog.at_level(logging.WARNING, logger="funmatch_keras.workdir_lock"):
+    with caplog.at_level(logging.WARNING, logger="funmatch_keras.app.workdir_lock"):
         with hold(str(tmp_path)):
             assert workdir_lock.holder(str(tmp_path))["host"] == socket.gethostname()
     assert "old-pod-7f9c" in caplog.text and "last refreshed 360 s ago" in caplog.text
@@ -119,7 +119,7 @@ def test_a_held_lock_is_refreshed_while_the_run_lasts(tmp_path, monkeypatch, cap
         while os.path.getmtime(path) < time.time() - 60 and time.time() < deadline:
             time.sleep(0.05)
         assert time.time() - os.path.getmtime(path) < 60  # refreshed by the heartbeat
-        with caplog.at_level(logging.ERROR, logger="funmatch_keras.workdir_lock"):
+        with caplog.at_level(logging.ERROR, logger="funmatch_keras.app.workdir_lock"):
             _write_lock(tmp_path, pid=1, host="intruder", started=workdir_lock._now())
             while "removed or replaced" not in caplog.text and time.time() < deadline:
                 time.sleep(0.05)

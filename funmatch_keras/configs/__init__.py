@@ -28,7 +28,6 @@ import ml_collections
 
 from funmatch_keras.configs.common import DATASETS, DTYPES, FIELDS, MODES
 from funmatch_keras.configs.overrides import apply_overrides, has_type, type_names
-from funmatch_keras.recipe import DIGITS, SPLIT_ROLES
 from funmatch_keras.configs.teachers import (
     TeacherSpec,
     canonical,
@@ -36,6 +35,7 @@ from funmatch_keras.configs.teachers import (
     teacher_sizes,
     teacher_specs,
 )
+from funmatch_keras.recipe import DIGITS, SPLIT_ROLES
 
 __all__ = [
     "TeacherSpec",

@@ -5,6 +5,7 @@ keras-hub presets (`hub`, the `[hub]` extra, imported only when used), and
 `list_models()`, the specs `build` knows by name.
 """
 
+from funmatch_keras.models import hub
 from funmatch_keras.models.bit import (
     StdConv2D,
     bit_r50x1,
@@ -16,7 +17,6 @@ from funmatch_keras.models.bit import (
     bit_resnet,
     fold_weight_standardization,
 )
-from funmatch_keras.models import hub
 from funmatch_keras.models.bit_weights import load_bit_npz, load_timm_bit, save_bit_npz
 from funmatch_keras.models.checks import check_teacher
 from funmatch_keras.models.cnn import small_cnn

@@ -52,7 +52,7 @@ class Shell:
     def funmatch(self, *args: str, expect: int = 0, timeout: float = 600,
                  **env: str) -> subprocess.CompletedProcess:
         """`funmatch ARGS` (the installed command's entry point); asserts its exit code."""
-        return self.run([sys.executable, "-m", "funmatch_keras.cli", *args],
+        return self.run([sys.executable, "-m", "funmatch_keras.app.cli", *args],
                         expect=expect, timeout=timeout, **env)
 
     def python(self, code: str, expect: int = 0, timeout: float = 600,
@@ -197,7 +197,7 @@ class Workers:
     def funmatch(self, *commands: list[str], name: str = "run", **env: str) -> Cluster:
         """Worker `i` runs `funmatch commands[i]`; returns at once."""
         cluster = Cluster(self.cwd, f"{name}{len(self.clusters)}",
-                          [[sys.executable, "-m", "funmatch_keras.cli", *args]
+                          [[sys.executable, "-m", "funmatch_keras.app.cli", *args]
                            for args in commands], env)
         self.clusters.append(cluster)
         return cluster

@@ -17,7 +17,7 @@ import json
 import numpy as np
 import pytest
 
-from funmatch_keras.export import FORMATS
+from funmatch_keras.export.formats import FORMATS
 
 FILES = {"keras": "student.keras", "saved_model": "saved_model/saved_model.pb",
          "tflite_fp32": "student_fp32.tflite", "tflite_fp16": "student_fp16.tflite",

@@ -9,7 +9,6 @@ watcher to land inside a phase.
 """
 
 import json
-import os
 import sys
 
 import keras
@@ -27,7 +26,8 @@ TOTAL_STEPS = 12
 # the teacher's label training or of distillation, or the final report.
 _KILLED_AT = """
 import os, signal, sys
-from funmatch_keras import checkpoint, cli, workdir as workdirs
+from funmatch_keras.app import cli, workdir as workdirs
+from funmatch_keras.training import checkpoint
 
 phase, nth = sys.argv[1], int(sys.argv[2])
 saves = []

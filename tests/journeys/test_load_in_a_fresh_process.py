@@ -81,7 +81,7 @@ def _shampoo():
 
 
 def _bit_hyperrule_schedule():
-    from funmatch_keras.supervised import bit_hyperrule_optimizer
+    from funmatch_keras.app.train_teacher import bit_hyperrule_optimizer
 
     optimizer = bit_hyperrule_optimizer(batch_size=512, total_steps=100)
     model = _trained_one_step(_small_model(), optimizer)
@@ -177,11 +177,11 @@ def test_registration_lives_in_the_listed_modules():
 _ORDERS = [
     "import funmatch_keras; import keras",
     "import keras; import funmatch_keras",
-    "import funmatch_keras.shampoo; import keras",
-    "import funmatch_keras.matrix_roots; import keras",
-    "from funmatch_keras.optim import adamw",
+    "import funmatch_keras.optim.shampoo_optimizer; import keras",
+    "import funmatch_keras.optim.matrix_roots; import keras",
+    "from funmatch_keras.optim.optimizers import adamw",
     "from funmatch_keras.models import bit_r50x1",
-    "from funmatch_keras import cli; import keras",
+    "from funmatch_keras.app import cli; import keras",
 ]
 
 

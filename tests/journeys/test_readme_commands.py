@@ -10,7 +10,8 @@ import pytest
 # overrides, without training: a README whose flags or fields drift from the code fails.
 _CHECK_COMMANDS = """
 import json
-from funmatch_keras import cli, configs
+from funmatch_keras import configs
+from funmatch_keras.app import cli
 failures = []
 for argv in json.load(open("commands.json")):
     try:

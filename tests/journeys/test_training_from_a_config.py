@@ -22,7 +22,8 @@ FORMATS = {"keras", "saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic
 _TEST_IMAGES = """
 import numpy as np
 import funmatch_keras as fm
-from funmatch_keras import build, configs
+from funmatch_keras import configs
+from funmatch_keras.app import build
 config = configs.load_config("digits:smoke=True")
 images, labels = zip(*fm.data.eval_pipeline(build.source(config, "test"), size=16,
                                             batch_size=1000).as_numpy_iterator())
