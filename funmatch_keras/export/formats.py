@@ -517,7 +517,8 @@ def _export_with_tensorflow(model: keras.Model, stage: Path, formats: list[str],
                                                            os.environ.get("PYTHONPATH")])),
                # CPU only: the parent backend may hold the accelerator's memory.
                "CUDA_VISIBLE_DEVICES": "-1"}
-        code = "import sys; from funmatch_keras import export as e; e._tensorflow_job(sys.argv[1])"
+        code = ("import sys; from funmatch_keras.export import formats; "
+                "formats._tensorflow_job(sys.argv[1])")
         result = subprocess.run([sys.executable, "-c", code, str(job)], env=env,
                                 capture_output=True, text=True, stdin=subprocess.DEVNULL)
         outcome_path = job / "outcome.json"
