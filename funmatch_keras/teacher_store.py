@@ -536,3 +536,85 @@ def _path_of(store: TeacherStore) -> Any:
     from funmatch_keras import tune
 
     return tune.TeacherPath.from_dict(store.meta.get("teacher_path", {}))
+
+
+def parse_steps(text: str | None, total_steps: int) -> tuple[int, int]:
+    """`"A:B"` (either side may be empty) as steps `(A, B)` within `[0, total_steps]`.
+
+    >>> parse_steps("100:", 300), parse_steps(None, 300)
+    ((100, 300), (0, 300))
+    """
+    if not text:
+        return 0, total_steps
+    first, sep, last = text.partition(":")
+    try:
+        begin, end = int(first or 0), int(last or total_steps)
+    except ValueError:
+        begin, end = -1, -1
+    if not sep or not 0 <= begin < end <= total_steps:
+        raise ValueError(f"--steps must be A:B with 0 <= A < B <= {total_steps} (the run's "
+                         f"steps), e.g. --steps=0:{total_steps // 2}. Received: {text!r}")
+    return begin, end
+
+
+def fill_for_config(config: Any, directory: str, steps: str | None = None,
+                    verbose: int = 1) -> dict[str, Any]:
+    """`funmatch teacher-store`: a teacher-only pass over a config's run, into a store.
+
+    Computes the chunks of the steps `steps` (`"A:B"`, default the whole run)
+    that the store lacks, exactly as `funmatch distill
+    --config.teacher_store=DIRECTORY` would before training. Several processes
+    may fill one store at once (each claims the chunks it computes).
+
+    Returns:
+        `{"store", "steps", "chunks_computed", "chunks_missing"}`.
+    """
+    from funmatch_keras import build, compute_path, configs, data, tune
+
+    configs.validate(config)
+    check_supported(config)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic and keras.backend.backend() == "tensorflow":
+        tf.config.experimental.enable_op_determinism()
+    untrained = [spec.model for spec in configs.teacher_specs(config) if build.needs_labels(spec)]
+    if untrained:
+        raise ValueError(f"The teacher(s) {untrained} have no weights. Train them first "
+                         "(`funmatch train-teacher --workdir=W`), then pass "
+                         "--config.teacher=W/teacher.keras.")
+    source = build.source(config, "train")
+    num_classes = build.num_classes(config, source)
+    teachers = build.teachers(config, num_classes, directory)
+    distiller = _distiller(teachers, build.student(config, num_classes), config)
+    total = configs.cadence(config, build.steps_per_epoch(config, source)).total_steps
+    begin, end = parse_steps(steps, total)
+
+    def default_path():
+        path, reason = compute_path.decision(config, total, 1, resumed=False)
+        path = path or tune.default_path(build.teacher_dtype(config))
+        reason = reason if reason != "tuned" else "teacher-only pass: the untuned path"
+        return tune.apply(distiller, path), {"choice": path.to_dict(), "name": path.name,
+                                             "reason": reason}
+
+    store, distiller, _ = for_config(config, distiller, source, num_classes,
+                                     choose=default_path, directory=directory)
+    teacher_size = configs.teacher_sizes(config)
+
+    def make_dataset(step):
+        return data.train_pipeline(
+            source, mode=config.mode, batch_size=config.batch_size,
+            student_size=config.student_size, teacher_size=teacher_size, seed=config.seed,
+            shuffle_buffer=min(source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
+            start_step=step, area_range=(config.crop_area_min, 1.0), flip=config.flip)
+
+    teacher = teacher_function(distiller, jit_compile=_path_of(store).teacher_numerics[1])
+    log = (lambda line: print(line, flush=True)) if verbose else None
+    computed = store.fill(teacher, make_dataset, begin, end, log=log)
+    return {"store": directory, "steps": [begin, end], "chunks_computed": computed,
+            "chunks_missing": len(store.missing(begin, end))}
+
+
+def _distiller(teachers, student, config):
+    from funmatch_keras.distiller import Distiller
+
+    return Distiller(teachers if len(teachers) > 1 else teachers[0], student,
+                     temperature=config.temperature)
