@@ -126,7 +126,7 @@ class TeacherStore:
 
     @classmethod
     def open(cls, directory: str, fingerprint: dict[str, Any], *, num_classes: int,
-             batch_size: int, steps_per_chunk: int = DEFAULT_STEPS_PER_CHUNK,
+             batch_size: int, steps_per_chunk: int | None = None,
              encoding: str = "float32", extra: dict[str, Any] | None = None) -> "TeacherStore":
         """The store at `directory`, created if new, refused if its fingerprint differs.
 
@@ -136,6 +136,7 @@ class TeacherStore:
             num_classes: int. Logits per example.
             batch_size: int. Global batch size (rows of one step's logits).
             steps_per_chunk: int. Steps per chunk file, for a new store.
+                Defaults to `DEFAULT_STEPS_PER_CHUNK`.
             encoding: str. One of `ENCODINGS`, for a new store.
             extra: dict. More to record in a new store (e.g. its teacher path).
 
@@ -153,7 +154,8 @@ class TeacherStore:
                                  "directory.")
             meta = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint,
                     "num_classes": num_classes, "batch_size": batch_size,
-                    "steps_per_chunk": steps_per_chunk, "encoding": encoding, **(extra or {})}
+                    "steps_per_chunk": steps_per_chunk or DEFAULT_STEPS_PER_CHUNK,
+                    "encoding": encoding, **(extra or {})}
             os.makedirs(directory, exist_ok=True)
             try:  # two processes creating one store: the first one's file stands
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -168,6 +170,9 @@ class TeacherStore:
             if text:
                 break
             time.sleep(0.1)
+        if not text:
+            raise ValueError(f"{path} is empty: a process that created the store died before "
+                             "writing it. Delete that file (the store holds no chunks yet).")
         meta = json.loads(text)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"The teacher store {directory!r} has format version "
