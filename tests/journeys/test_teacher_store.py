@@ -108,14 +108,15 @@ def test_killed_while_filling_and_training_a_replayed_run_ends_as_a_live_one(
     funmatch(*distill, phase="chunk", nth=3, expect=-9)
     assert len(_chunks(store)) == 2
     # Rerun: the dead process's claim is taken over and the fill completes; killed at
-    # its second checkpoint save, so step 8 is the last whole checkpoint.
+    # its second checkpoint save, so step 9 (checkpoints land on log steps, every 3
+    # steps here) is the last whole one: in the middle of a chunk.
     funmatch(*distill, phase="checkpoint", nth=2, expect=-9)
     assert len(_chunks(store)) == 4
     # A chunk damaged meanwhile is recomputed with a warning, never fed to the loss.
     damaged = store / _chunks(store)[2]
     damaged.write_bytes(damaged.read_bytes()[:-8])
     out = funmatch(*distill)
-    assert "Resuming distillation from step 8 of 32" in out, out[-3000:]
+    assert "Resuming distillation from step 9 of 32" in out, out[-3000:]
     assert "damaged" in out and len(_chunks(store)) == 4
     live = tmp_path / "live"
     funmatch("distill", *_args(tmp_path), f"--workdir={live}", "--verbose=0")
@@ -130,9 +131,11 @@ def test_a_store_filled_ahead_is_replayed_and_another_seed_is_refused(funmatch, 
     # Two processes, one half of the run each.
     funmatch("teacher-store", *_args(tmp_path), f"--store={store}", "--steps=0:16")
     funmatch("teacher-store", *_args(tmp_path), f"--store={store}", "--steps=16:32")
+    filled = {name: (store / name).stat().st_mtime_ns for name in _chunks(store)}
     out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
                    "--config.temperature=2.0", f"--workdir={tmp_path / 'replayed'}")
-    assert "computing" not in out and "written" not in out  # nothing left to compute
+    assert "Teacher store" not in out  # nothing left to compute...
+    assert {name: (store / name).stat().st_mtime_ns for name in _chunks(store)} == filled
     live = tmp_path / "live"
     funmatch("distill", *_args(tmp_path), "--config.temperature=2.0", f"--workdir={live}",
              "--verbose=0")
