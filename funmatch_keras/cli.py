@@ -70,9 +70,9 @@ def _train_teacher(args: argparse.Namespace) -> int:
 
 
 def _teacher_store(args: argparse.Namespace) -> int:
-    from funmatch_keras import teacher_store
+    from funmatch_keras import teacher_store_run
 
-    done = teacher_store.fill_for_config(_config(args), args.store, args.steps, args.verbose)
+    done = teacher_store_run.fill_for_config(_config(args), args.store, args.steps, args.verbose)
     print(f"Teacher store {done['store']}: steps {done['steps'][0]}-{done['steps'][1] - 1}, "
           f"{done['chunks_computed']} chunk(s) computed here, {done['chunks_missing']} missing.")
     return 0

@@ -20,8 +20,8 @@ import keras
 import ml_collections
 
 from funmatch_keras import (build, compute_path, configs, data, distribute, loop, steplog,
-                            supervised, teacher_cache, teacher_store, workdir as workdirs,
-                            workdir_lock)
+                            supervised, teacher_cache, teacher_store_run,
+                            workdir as workdirs, workdir_lock)
 from funmatch_keras.checkpoint import CheckpointManager
 from funmatch_keras.distiller import Distiller
 
@@ -145,11 +145,11 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose) -> dict[str, Any]:
             verbose=verbose)
 
     if config.teacher_store:  # the teacher's logits, recorded once for a sweep
-        store, distiller, teacher_path = teacher_store.for_config(
+        store, distiller, teacher_path = teacher_store_run.for_config(
             config, distiller, train_source, num_classes, choose=choose,
             num_workers=replicas.num_workers)
-        make_dataset = teacher_store.replaying(store, distiller, make_dataset,
-                                               max(done_steps or [0]), total_steps, verbose)
+        make_dataset = teacher_store_run.replaying(
+            store, distiller, make_dataset, max(done_steps or [0]), total_steps, verbose)
     else:
         distiller, teacher_path = choose()
     loop.fit_with_checkpoints(

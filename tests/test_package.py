@@ -67,6 +67,7 @@ def test_unknown_attribute_raises():
 _PACKAGE = _ROOT / "funmatch_keras"
 # The app layer: config + workdir. Everything else is library and never imports it.
 _APP = {"configs", "build", "compute_path", "workdir", "workdir_lock", "supervised", "train", "evaluate",
+        "teacher_store_run",
         "ship", "demo", "cli"}
 
 

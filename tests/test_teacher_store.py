@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from funmatch_keras import configs, data, models, sources, teacher_store, train
+from funmatch_keras import configs, data, models, sources, teacher_store_run, train
 from funmatch_keras.distiller import Distiller
 from funmatch_keras.teacher_store import StoreMismatchError, TeacherStore
 
@@ -37,17 +37,17 @@ def test_chunks_read_back_bit_for_bit_and_short_ones_count_as_missing(tmp_path):
 def test_a_damaged_chunk_is_never_read_and_is_deleted_with_a_warning(tmp_path, caplog):
     store = _store(tmp_path)
     store.write_chunk(0, _logits(4))
-    [path] = [os.path.join(tmp_path, n) for n in os.listdir(tmp_path) if n.endswith(".npy")]
-    raw = bytearray(open(path, "rb").read())
+    [path] = tmp_path.glob("*.npy")
+    raw = bytearray(path.read_bytes())
     raw[-1] ^= 1  # one flipped bit in the last logit
-    open(path, "wb").write(bytes(raw))
+    path.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING):
         assert store.read_chunk(0) is None
-    assert "damaged" in caplog.text and not os.path.exists(path)
+    assert "damaged" in caplog.text and not path.exists()
     # A truncated one too.
     store.write_chunk(0, _logits(4))
-    [path] = [os.path.join(tmp_path, n) for n in os.listdir(tmp_path) if n.endswith(".npy")]
-    open(path, "wb").write(open(path, "rb").read()[:100])
+    [path] = tmp_path.glob("*.npy")
+    path.write_bytes(path.read_bytes()[:100])
     assert store.missing(0, 4) == [0]
 
 
@@ -66,7 +66,7 @@ def test_a_live_claim_is_respected_and_a_dead_ones_is_taken_over(tmp_path):
     assert not store.claim(0)  # held: a second claim is refused
     store.release(0)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+                          check=True, capture_output=True, text=True).stdout.strip()
     for chunk, pid in ((1, os.getppid()), (2, int(dead))):
         with open(os.path.join(tmp_path, f"chunk-{chunk:07d}.claim"), "w") as f:
             json.dump({"pid": pid, "host": __import__("socket").gethostname()}, f)
@@ -99,12 +99,12 @@ def test_replay_recomputes_a_chunk_damaged_after_the_fill(tmp_path):
     store = _store(tmp_path)
 
     def make_dataset(step):
-        return tf.data.Dataset.range(step, 1000).map(lambda s: tf.fill([2, 3], tf.cast(s, tf.float32)))
+        return tf.data.Dataset.range(step, 1000).map(
+            lambda s: tf.fill([2, 3], tf.cast(s, tf.float32)))
 
     store.fill(lambda b: b + 1.0, make_dataset, 0, 8)
-    for name in os.listdir(tmp_path):
-        if name.startswith("chunk-0000001-"):
-            open(os.path.join(tmp_path, name), "wb").write(b"garbage")
+    for path in tmp_path.glob("chunk-0000001-*"):
+        path.write_bytes(b"garbage")
     redone = []
 
     def recompute(chunk):
@@ -121,10 +121,10 @@ def test_fixed_teacher_and_multi_worker_are_refused_with_the_reason():
     with config.unlocked():
         config.mode = "fixed_teacher"
     with pytest.raises(ValueError, match="fixed_teacher"):
-        teacher_store.check_supported(config)
+        teacher_store_run.check_supported(config)
     config.mode = "consistent"
     with pytest.raises(ValueError, match="multi-worker"):
-        teacher_store.check_supported(config, num_workers=2)
+        teacher_store_run.check_supported(config, num_workers=2)
 
 
 def test_the_teachers_crop_does_not_depend_on_the_students_size():
@@ -175,7 +175,7 @@ def test_a_replayed_run_ends_where_a_live_run_ends(tmp_path, teacher_file):
     store = str(tmp_path / "store")
     recorded = _config(teacher_file, teacher_store=store)
     train.run(recorded, str(tmp_path / "recorded"), verbose=0)
-    meta = teacher_store.recorded_meta(store)
+    meta = teacher_store_run.recorded_meta(store)
     assert meta["fingerprint"]["mode"] == "function_matching"
     # Another temperature and lr replay the same logits: no training step runs the teacher.
     steps = []
