@@ -188,3 +188,19 @@ def test_demo_seeds_summary_and_reference_literal():
     assert reference["gap"] == (0.0125, 0.005)
     assert reference["top1"]["distilled student"] == (0.9775, 0.00354)
     assert f"{os.cpu_count()} cores" in demo_seeds.machine()
+
+
+@pytest.mark.slow
+def test_sweep_benchmark_small_models(tmp_path):
+    # The --quick code path on tiny models: a live and a replayed sweep, their ratios.
+    report = _last_json_line(
+        [os.path.join(ROOT, "benchmarks", "sweep.py"), "--teacher", "cnn:8", "--student",
+         "cnn:4", "--size", "16", "--batch", "4", "--steps", "4"], tmp_path)
+    for key in ("live_s", "store_s", "sweep_ratio", "replay_run_ratio", "first_run_overhead",
+                "bytes_per_step", "max_abs_weight_diff", "rerun_max_abs_weight_diff",
+                "cpu_flags"):
+        assert key in report
+    assert report["bytes_per_step"] == 4 * 10 * 4
+    assert report["stored_bytes_per_step"] >= report["bytes_per_step"]
+    assert report["max_abs_weight_diff"] <= report["rerun_max_abs_weight_diff"]
+    assert len(report["replayed_runs_s"]) == len(report["live_runs_s"]) == 4

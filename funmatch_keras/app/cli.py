@@ -8,6 +8,9 @@ Commands:
   train-teacher
             fine-tune a teacher with labels (BiT-HyperRule) into <workdir>/teacher.keras
   evaluate  a workdir's student (and teacher) on a split: top-1, agreement, KL
+  teacher-store
+            record a config's teacher logits per step once, for a sweep's runs
+            (--config.teacher_store=DIR replays them); --steps=A:B splits the work
   export    ship a workdir's student as .keras / SavedModel / TFLite with parity checks
 
 Run `funmatch <command> --help` for a command's flags.
@@ -63,6 +66,15 @@ def _train_teacher(args: argparse.Namespace) -> int:
 
     supervised.train_teacher(_config(args), args.workdir, verbose=args.verbose,
                              overwrite=args.overwrite, strategy=args.strategy)
+    return 0
+
+
+def _teacher_store(args: argparse.Namespace) -> int:
+    from funmatch_keras.app import teacher_store as teacher_store_run
+
+    done = teacher_store_run.fill_for_config(_config(args), args.store, args.steps, args.verbose)
+    print(f"Teacher store {done['store']}: steps {done['steps'][0]}-{done['steps'][1] - 1}, "
+          f"{done['chunks_computed']} chunk(s) computed here, {done['chunks_missing']} missing.")
     return 0
 
 
@@ -134,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoints, logs, student, report")
     config_command("train-teacher", _train_teacher, "fine-tune a teacher with labels",
                    "checkpoints and teacher.keras")
+
+    store = commands.add_parser("teacher-store", help="record a config's teacher logits once")
+    store.add_argument("--config", required=True, help="the config of the sweep's runs, "
+                       "as for `funmatch distill`; --config.FIELD=VALUE overrides")
+    store.add_argument("--store", required=True, help="the store directory "
+                       "(--config.teacher_store of the runs)")
+    store.add_argument("--steps", default=None, help="A:B, the global steps to compute "
+                       "(default: the whole run); split a run over processes or machines")
+    store.add_argument("--verbose", type=int, default=1, help="0 or 1")
+    store.set_defaults(run=_teacher_store)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a workdir's student and teacher")
     evaluate.add_argument("--workdir", required=True, help="a workdir of `funmatch distill`")

@@ -21,6 +21,7 @@ import ml_collections
 
 from funmatch_keras import configs
 from funmatch_keras.app import build, compute_path, workdir_lock
+from funmatch_keras.app import teacher_store as teacher_store_run
 from funmatch_keras.app import train_teacher as supervised
 from funmatch_keras.app import workdir as workdirs
 from funmatch_keras.data import pipelines as data
@@ -142,14 +143,26 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose, start, train_source
 
         return replicas.train_dataset(pipeline)
 
-    distiller, teacher_path = compute_path.choose(
-        config, distiller, workdir, total_steps=total_steps,
-        num_replicas=replicas.num_replicas, is_chief=replicas.is_chief,
-        resumed=bool(os.path.isdir(checkpoint_dir)
-                     and CheckpointManager(checkpoint_dir, clean_temp=False).all_steps()),
-        sample_batch=lambda: next(iter(make_dataset(0))),
-        agreement_data=lambda: compute_path.agreement_dataset(config, val_source, teacher_size),
-        verbose=verbose)
+    done_steps = (os.path.isdir(checkpoint_dir)
+                  and CheckpointManager(checkpoint_dir, clean_temp=False).all_steps())
+
+    def choose():
+        return compute_path.choose(
+            config, distiller, workdir, total_steps=total_steps,
+            num_replicas=replicas.num_replicas, is_chief=replicas.is_chief,
+            resumed=bool(done_steps), sample_batch=lambda: next(iter(make_dataset(0))),
+            agreement_data=lambda: compute_path.agreement_dataset(config, val_source,
+                                                                  teacher_size),
+            verbose=verbose)
+
+    if config.teacher_store:  # the teacher's logits, recorded once for a sweep
+        store, distiller, teacher_path = teacher_store_run.for_config(
+            config, distiller, train_source, num_classes, choose=choose,
+            num_workers=replicas.num_workers)
+        make_dataset = teacher_store_run.replaying(
+            store, distiller, make_dataset, max(done_steps or [0]), total_steps, verbose)
+    else:
+        distiller, teacher_path = choose()
     loop.fit_with_checkpoints(
         distiller, make_dataset, checkpoint_dir=checkpoint_dir,
         every_steps=cadence.checkpoint_every_steps, keep=config.keep_checkpoints,

@@ -90,6 +90,12 @@ FIELDS: dict[str, Field] = {
         "(None: a teacher without weights is an error).",
     ),
     "temperature": Field(1.0, (float,), "Distillation temperature T (> 0)."),
+    "teacher_store": Field(
+        None, (str, NoneType),
+        "Directory of the teacher's recorded logits per step (`teacher_store`): a sweep's "
+        "runs with the same data, seed, batch and teachers compute the teacher once. "
+        "None: the teacher runs at every step.",
+    ),
     # -- student --
     "student": Field("bit_r50x1", (str,), "Student model spec for `models.build`."),
     "student_weights": Field(None, (str, NoneType), "Initial student weights, or None."),

@@ -1,0 +1,434 @@
+"""A teacher store: the teacher's logits of every training step, computed once for a sweep.
+
+With one data seed, every run of a sweep (over lr, wd, T, or students) feeds its
+teacher the same images at each global step: the same crops, flips and mixup
+partners (`data.train_pipeline` is seeded and resumes exactly). A store records
+the teacher's float32 logits of step k once; every later run that shares the
+fingerprint replays them as `{"student": x, "teacher_logits": l}` batches and
+never runs the teacher in its step.
+
+Layout of the directory:
+- `store.json`: format version, fingerprint, encoding, steps per chunk, classes,
+  and the teacher compute path the logits were computed on;
+- `chunk-<k>-<sha256>.npy`: the logits of global steps `[k*C, k*C + rows)`
+  (`C` steps per chunk), an array `[rows, batch, classes]` written atomically,
+  named by the sha256 of its bytes. A chunk whose bytes do not match its name
+  is never read: it is recomputed and rewritten, with a warning;
+- `chunk-<k>.claim`: held (O_EXCL) by the process computing chunk k, so that
+  processes sharing a store compute each chunk once; a claim whose process
+  died is taken over.
+
+Example:
+>>> import tempfile
+>>> store = TeacherStore.open(tempfile.mkdtemp(), {"seed": 0}, num_classes=3,
+...                           batch_size=2, steps_per_chunk=4)
+>>> store.write_chunk(0, np.ones([4, 2, 3], np.float32))
+>>> store.read_chunk(0).shape, store.missing(0, 6)
+((4, 2, 3), [1])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from funmatch_keras import atomic
+from funmatch_keras.distiller import STUDENT_KEY, TEACHER_LOGITS_KEY
+
+FORMAT_VERSION = 1
+META_FILE = "store.json"
+# 64 steps of Flowers102's batch 512 x 102 classes: 13 MB a chunk in float32.
+DEFAULT_STEPS_PER_CHUNK = 64
+ENCODINGS = ("float32", "float16")
+_CHUNK = re.compile(r"^chunk-(\d{7})-([0-9a-f]{64})\.npy$")
+_WAIT_S = 0.2  # polling interval for a chunk another process computes
+
+
+class StoreMismatchError(ValueError):
+    """The store was recorded for other teacher outputs (its fingerprint differs)."""
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 of a model's weights (shapes, dtypes and values), in order.
+
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> len(weights_digest(model))
+    64
+    """
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{value.shape}{value.dtype}".encode())
+        digest.update(value.data)
+    return digest.hexdigest()
+
+
+def fingerprint(teachers: Sequence[keras.Model], **settings: Any) -> dict[str, Any]:
+    """What determines the teacher's logits of each step, as a flat JSON-able dict.
+
+    Args:
+        teachers: the teacher models (their weights are hashed, their
+            architecture summarized by class, layer count and output shape).
+        **settings: everything else that decides the batches and the teacher's
+            numbers: data identity, seed, batch size, mode, augmentation, sizes,
+            compute path... Values must be JSON-able.
+
+    >>> t = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    >>> sorted(fingerprint([t], seed=0))
+    ['seed', 'teacher_0_model', 'teacher_0_weights']
+    """
+    values = json.loads(json.dumps(settings))
+    for i, model in enumerate(teachers):
+        values[f"teacher_{i}_model"] = (f"{type(model).__name__}, {len(model.layers)} layers, "
+                                        f"input {model.input_shape}, output {model.output_shape}")
+        values[f"teacher_{i}_weights"] = weights_digest(model)
+    return values
+
+
+def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fields whose values differ, `"name: recorded -> current"`.
+
+    >>> differences({"seed": 0, "mode": "consistent"}, {"seed": 1, "mode": "consistent"})
+    ['seed: 0 -> 1']
+    """
+    names = sorted(set(recorded) | set(current))
+    missing = "(absent)"
+    return [f"{n}: {recorded.get(n, missing)} -> {current.get(n, missing)}"
+            for n in names if recorded.get(n, missing) != current.get(n, missing)]
+
+
+class TeacherStore:
+    """A directory of per-step teacher logits (see the module docstring).
+
+    Open one with `TeacherStore.open`; `fill` computes the chunks it lacks,
+    `replay` turns a training dataset into one of stored logits.
+    """
+
+    def __init__(self, directory: str, meta: dict[str, Any]):
+        self.directory = directory
+        self.meta = meta
+        self.steps_per_chunk = int(meta["steps_per_chunk"])
+        self.batch_size = int(meta["batch_size"])
+        self.num_classes = int(meta["num_classes"])
+        self.encoding = meta["encoding"]
+
+    @classmethod
+    def open(cls, directory: str, fingerprint: dict[str, Any], *, num_classes: int,
+             batch_size: int, steps_per_chunk: int | None = None,
+             encoding: str = "float32", extra: dict[str, Any] | None = None) -> TeacherStore:
+        """The store at `directory`, created if new, refused if its fingerprint differs.
+
+        Args:
+            directory: str. The store's directory.
+            fingerprint: dict from `fingerprint` (or any JSON-able dict).
+            num_classes: int. Logits per example.
+            batch_size: int. Global batch size (rows of one step's logits).
+            steps_per_chunk: int. Steps per chunk file, for a new store.
+                Defaults to `DEFAULT_STEPS_PER_CHUNK`.
+            encoding: str. One of `ENCODINGS`, for a new store.
+            extra: dict. More to record in a new store (e.g. its teacher path).
+
+        Raises:
+            StoreMismatchError: the store holds another fingerprint; the
+                message names the differing fields.
+        """
+        if encoding not in ENCODINGS:
+            raise ValueError(f"Unknown teacher store encoding {encoding!r}: one of {ENCODINGS}.")
+        path = os.path.join(directory, META_FILE)
+        if not os.path.exists(path):
+            if os.path.isdir(directory) and any(_CHUNK.match(n) for n in os.listdir(directory)):
+                raise ValueError(f"The teacher store {directory!r} holds chunks but no "
+                                 f"{META_FILE}: it is not a store to extend. Pick a new "
+                                 "directory.")
+            meta = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint,
+                    "num_classes": num_classes, "batch_size": batch_size,
+                    "steps_per_chunk": steps_per_chunk or DEFAULT_STEPS_PER_CHUNK,
+                    "encoding": encoding, **(extra or {})}
+            os.makedirs(directory, exist_ok=True)
+            try:  # two processes creating one store: the first one's file stands
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                atomic.write_json(path, meta)
+        for _ in range(50):  # another process may be writing it this moment
+            with open(path) as f:
+                text = f.read()
+            if text:
+                break
+            time.sleep(0.1)
+        if not text:
+            raise ValueError(f"{path} is empty: a process that created the store died before "
+                             "writing it. Delete that file (the store holds no chunks yet).")
+        meta = json.loads(text)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"The teacher store {directory!r} has format version "
+                             f"{meta.get('format_version')}; this version reads "
+                             f"{FORMAT_VERSION}. Use a new directory.")
+        diff = differences(meta["fingerprint"], fingerprint)
+        diff += [f"{name}: {meta[name]} -> {value}" for name, value in
+                 (("num_classes", num_classes), ("batch_size", batch_size))
+                 if meta[name] != value]
+        if diff:
+            raise StoreMismatchError(
+                f"The teacher store {directory!r} was recorded for other teacher outputs; "
+                f"these differ: {'; '.join(diff)}. Use another --config.teacher_store "
+                "directory for these settings (student, lr, weight decay, temperature, "
+                "optimizer and epochs may differ; these may not).")
+        return cls(directory, meta)
+
+    # -- chunks --------------------------------------------------------------
+
+    def chunks(self, begin: int, end: int) -> range:
+        """The chunk indices that hold steps `[begin, end)`."""
+        return range(begin // self.steps_per_chunk, -(-end // self.steps_per_chunk))
+
+    def _files(self, chunk: int) -> list[str]:
+        prefix = f"chunk-{chunk:07d}-"
+        return sorted(os.path.join(self.directory, name) for name in os.listdir(self.directory)
+                      if name.startswith(prefix) and _CHUNK.match(name))
+
+    def read_chunk(self, chunk: int, min_rows: int = 0) -> np.ndarray | None:
+        """Chunk `chunk`'s float32 logits `[rows, batch, classes]`, or None.
+
+        None when the chunk is absent, holds fewer than `min_rows` steps, or
+        fails its checksum (then it is deleted, with a warning: it is never fed
+        to the loss).
+        """
+        found = None
+        for path in self._files(chunk):
+            with contextlib.suppress(FileNotFoundError):
+                with open(path, "rb") as f:
+                    raw = f.read()
+                logits = self._decode(raw, path)
+                if logits is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                elif found is None or len(logits) > len(found):
+                    found = logits
+        return found if found is not None and len(found) >= min_rows else None
+
+    def _decode(self, raw: bytes, path: str) -> np.ndarray | None:
+        expected = _CHUNK.match(os.path.basename(path)).group(2)
+        if hashlib.sha256(raw).hexdigest() != expected:
+            logging.warning("The teacher store chunk %s is damaged (its sha256 does not "
+                            "match its name): it is recomputed and rewritten.", path)
+            return None
+        logits = np.load(io.BytesIO(raw), allow_pickle=False)
+        if logits.ndim != 3 or logits.shape[1:] != (self.batch_size, self.num_classes):
+            logging.warning("The teacher store chunk %s has shape %s, not [steps, %d, %d]: "
+                            "it is recomputed and rewritten.", path, logits.shape,
+                            self.batch_size, self.num_classes)
+            return None
+        return logits.astype(np.float32)
+
+    def write_chunk(self, chunk: int, logits: np.ndarray) -> None:
+        """Writes chunk `chunk` (`[rows, batch, classes]`) atomically, named by its sha256."""
+        logits = np.asarray(logits)
+        if logits.ndim != 3 or logits.shape[1:] != (self.batch_size, self.num_classes):
+            raise ValueError(f"Expected teacher logits [steps, {self.batch_size}, "
+                             f"{self.num_classes}]. Received: shape {logits.shape}")
+        buffer = io.BytesIO()
+        np.save(buffer, logits.astype(self.encoding), allow_pickle=False)
+        raw = buffer.getvalue()
+        name = f"chunk-{chunk:07d}-{hashlib.sha256(raw).hexdigest()}.npy"
+        path = os.path.join(self.directory, name)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+
+        atomic.atomic_write(path, write)
+        for old in self._files(chunk):  # a shorter or damaged version it replaces
+            if old != path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(old)
+
+    def rows_needed(self, chunk: int, end: int) -> int:
+        """Steps chunk `chunk` must hold for a run of `end` steps."""
+        return min(self.steps_per_chunk, end - chunk * self.steps_per_chunk)
+
+    def missing(self, begin: int, end: int) -> list[int]:
+        """The chunks of steps `[begin, end)` that are absent, short or damaged."""
+        return [k for k in self.chunks(begin, end)
+                if self.read_chunk(k, self.rows_needed(k, end)) is None]
+
+    # -- claims --------------------------------------------------------------
+
+    def _claim_path(self, chunk: int) -> str:
+        return os.path.join(self.directory, f"chunk-{chunk:07d}.claim")
+
+    def claim(self, chunk: int) -> bool:
+        """Claims chunk `chunk` for this process; False if a live process holds it."""
+        path = self._claim_path(chunk)
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale(path):
+                    return False
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+            return True
+        return False
+
+    def release(self, chunk: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._claim_path(chunk))
+
+    @staticmethod
+    def _stale(path: str) -> bool:
+        try:
+            with open(path) as f:
+                text = f.read()
+            age = time.time() - os.path.getmtime(path)
+        except FileNotFoundError:
+            return True
+        try:
+            holder = json.loads(text)
+        except ValueError:  # empty: being written now, or its writer died doing so
+            return age > 10
+        if holder.get("host") != socket.gethostname():
+            return False  # another machine's: its process cannot be checked from here
+        return holder.get("pid") != os.getpid() and not _pid_alive(int(holder.get("pid", 0)))
+
+
+    # -- filling and replaying -----------------------------------------------
+
+    def fill(self, teacher_logits: Callable[[Any], Any],
+             make_dataset: Callable[[int], tf.data.Dataset], begin: int, end: int,
+             log: Callable[[str], None] | None = None) -> int:
+        """Computes the chunks of steps `[begin, end)` that the store lacks.
+
+        Chunks another live process claims are waited for, not recomputed.
+
+        Args:
+            teacher_logits: `fn(batch) -> [batch, classes]` logits, as they reach
+                the loss (e.g. a `tf.function` of `Distiller.teacher_logits`).
+            make_dataset: `fn(step) -> tf.data.Dataset` of training batches from
+                global step `step` on (the seeded pipeline of the runs).
+            begin, end: int. The steps needed.
+            log: callable for progress lines, or None.
+
+        Returns:
+            The number of chunks this process computed.
+        """
+        todo, computed = self.missing(begin, end), 0
+        while todo:
+            waiting = []
+            iterator, position = None, None
+            for chunk in todo:
+                if not self.claim(chunk):
+                    waiting.append(chunk)
+                    continue
+                try:
+                    rows = self.rows_needed(chunk, end)
+                    if self.read_chunk(chunk, rows) is not None:  # written meanwhile
+                        continue
+                    first = chunk * self.steps_per_chunk
+                    if position != first:
+                        iterator, position = iter(make_dataset(first)), first
+                    out = []
+                    for _ in range(rows):
+                        out.append(keras.ops.convert_to_numpy(teacher_logits(next(iterator))))
+                    position += rows
+                    self.write_chunk(chunk, np.stack(out).astype(np.float32))
+                    computed += 1
+                    if log:
+                        log(f"Teacher store: steps {first}-{first + rows - 1} written "
+                            f"(chunk {chunk}).")
+                finally:
+                    self.release(chunk)
+            todo = []
+            for chunk in waiting:
+                while (self.read_chunk(chunk, self.rows_needed(chunk, end)) is None
+                       and os.path.exists(self._claim_path(chunk))
+                       and not self._stale(self._claim_path(chunk))):
+                    time.sleep(_WAIT_S)
+                if self.read_chunk(chunk, self.rows_needed(chunk, end)) is None:
+                    todo.append(chunk)  # its holder died or gave up: ours now
+        return computed
+
+    def logits_from(self, start: int, end: int,
+                    recompute: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+        """The stored `[batch, classes]` logits of steps `start`, `start + 1`, ... `end - 1`.
+
+        A chunk that is absent or damaged when read is recomputed by
+        `recompute(chunk)` (which must write it), or raises without one.
+        """
+        step = start
+        while step < end:
+            chunk = step // self.steps_per_chunk
+            rows = self.rows_needed(chunk, end)
+            logits = self.read_chunk(chunk, rows)
+            if logits is None and recompute is not None:
+                recompute(chunk)
+                logits = self.read_chunk(chunk, rows)
+            if logits is None:
+                raise FileNotFoundError(
+                    f"The teacher store {self.directory!r} lacks steps "
+                    f"{chunk * self.steps_per_chunk}-{chunk * self.steps_per_chunk + rows - 1}"
+                    " (chunk missing or damaged): fill it first (`funmatch teacher-store`).")
+            yield from logits[step - chunk * self.steps_per_chunk:rows]
+            step = chunk * self.steps_per_chunk + rows
+
+    def replay(self, dataset: tf.data.Dataset, start_step: int, end_step: int,
+               recompute: Callable[[int], None] | None = None) -> tf.data.Dataset:
+        """`dataset` (batches from `start_step` on) with the stored logits as the teacher's.
+
+        Each element `x` (an image tensor or a `{"student", "teacher"}` dict,
+        optionally `(x, y)`) becomes `{"student": ..., "teacher_logits": stored}`
+        for `Distiller.fit`; its teacher views are dropped. The result ends at
+        `end_step`.
+        """
+        logits = tf.data.Dataset.from_generator(
+            lambda: self.logits_from(start_step, end_step, recompute),
+            output_signature=tf.TensorSpec([self.batch_size, self.num_classes], tf.float32))
+
+        def merge(element, teacher_logits):
+            labels = None
+            if isinstance(element, tuple):
+                element, labels = element
+            student = element[STUDENT_KEY] if isinstance(element, dict) else element
+            batch = {STUDENT_KEY: student, TEACHER_LOGITS_KEY: teacher_logits}
+            return batch if labels is None else (batch, labels)
+
+        zipped = tf.data.Dataset.zip((dataset, logits.prefetch(2)))
+        return zipped.map(merge, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def teacher_function(distiller: Any, jit_compile: bool = False) -> Callable[[Any], Any]:
+    """`Distiller.teacher_logits` as one compiled function, for `TeacherStore.fill`."""
+    if keras.backend.backend() != "tensorflow":
+        return distiller.teacher_logits
+    return tf.function(distiller.teacher_logits, jit_compile=jit_compile)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's: it exists
+        return True
+    return pid > 0

@@ -1,0 +1,149 @@
+"""A sweep's teacher pass: `funmatch teacher-store` and `funmatch distill
+--config.teacher_store=DIR`, each step in a fresh process. Processes filling one store
+at once end with a complete store and compute each chunk once; a run killed while
+filling or training resumes, replays from the right step and ends where a live run
+ends; a damaged chunk is recomputed with a warning; another seed is refused.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from tests.journeys.conftest import fresh_env
+
+pytestmark = pytest.mark.slow
+
+# `funmatch ARGS` with stores of 8-step chunks, killed (SIGKILL, by itself) at the NTH
+# chunk write ("chunk") or checkpoint save ("checkpoint"); "none" never.
+_FUNMATCH = """
+import os, signal, sys
+from funmatch_keras.app import cli
+from funmatch_keras.data import teacher_store
+from funmatch_keras.training import checkpoint
+
+teacher_store.DEFAULT_STEPS_PER_CHUNK = 8
+phase, nth = sys.argv[1], int(sys.argv[2])
+counts = []
+
+def dying(original):
+    def call(*args, **kwargs):
+        counts.append(1)
+        if len(counts) == nth:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    return call
+
+if phase == "chunk":
+    teacher_store.TeacherStore.write_chunk = dying(teacher_store.TeacherStore.write_chunk)
+if phase == "checkpoint":
+    checkpoint.CheckpointManager.save = dying(checkpoint.CheckpointManager.save)
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+TEACHER = """
+import keras
+from funmatch_keras import models
+keras.utils.set_random_seed(7)
+models.build("cnn:32,64,128", 10, 16).save("teacher.keras")
+"""
+
+
+def _args(tmp_path, epochs=4):
+    return ["--config=digits:smoke=True", f"--config.teacher={tmp_path / 'teacher.keras'}",
+            f"--config.epochs={epochs}", "--config.steps_per_epoch=8",
+            "--config.checkpoint_every_steps=8", "--config.deterministic=True"]
+
+
+def _weights(path):
+    return keras.saving.load_model(path, safe_mode=True).get_weights()
+
+
+def _chunks(store):
+    return sorted(n for n in os.listdir(store) if n.endswith(".npy"))
+
+
+@pytest.fixture
+def funmatch(shell, tmp_path):
+    shell.python(TEACHER)
+    script = tmp_path / "funmatch_dies.py"
+    script.write_text(_FUNMATCH)
+
+    def run(*args, phase="none", nth=0, expect=0):
+        result = shell.run([sys.executable, str(script), phase, str(nth), *args], expect=expect)
+        return result.stdout + result.stderr
+
+    return run
+
+
+def test_two_processes_fill_one_store_each_chunk_once(funmatch, tmp_path):
+    store = tmp_path / "store"
+    command = [sys.executable, str(tmp_path / "funmatch_dies.py"), "none", "0",
+               "teacher-store", *_args(tmp_path, epochs=10), f"--store={store}"]
+    processes = [subprocess.Popen(command, cwd=tmp_path, env=fresh_env(), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    computed = [int(re.search(r"(\d+) chunk\(s\) computed here, 0 missing", out).group(1))
+                for out, _ in outputs]
+    assert sum(computed) == 10  # 80 steps in chunks of 8: none computed twice
+    assert len(_chunks(store)) == 10
+    assert sorted(os.listdir(store)) == sorted(_chunks(store) + ["store.json"])  # no leftovers
+    # A second pass finds everything valid.
+    out = funmatch("teacher-store", *_args(tmp_path, epochs=10), f"--store={store}")
+    assert "0 chunk(s) computed here, 0 missing" in out
+
+
+def test_killed_while_filling_and_training_a_replayed_run_ends_as_a_live_one(
+        funmatch, tmp_path):
+    store, run = tmp_path / "store", tmp_path / "run"
+    distill = ["distill", *_args(tmp_path), f"--config.teacher_store={store}",
+               f"--workdir={run}", "--verbose=0"]
+    # Killed while writing its third chunk: two whole chunks, no partial one.
+    funmatch(*distill, phase="chunk", nth=3, expect=-9)
+    assert len(_chunks(store)) == 2
+    # Rerun: the dead process's claim is taken over and the fill completes; killed at
+    # its second checkpoint save, so step 9 (checkpoints land on log steps, every 3
+    # steps here) is the last whole one: in the middle of a chunk.
+    funmatch(*distill, phase="checkpoint", nth=2, expect=-9)
+    assert len(_chunks(store)) == 4
+    # A chunk damaged meanwhile is recomputed with a warning, never fed to the loss.
+    damaged = store / _chunks(store)[2]
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    out = funmatch(*distill)
+    assert "Resuming distillation from step 9 of 32" in out, out[-3000:]
+    assert "damaged" in out and len(_chunks(store)) == 4
+    live = tmp_path / "live"
+    funmatch("distill", *_args(tmp_path), f"--workdir={live}", "--verbose=0")
+    for got, want in zip(_weights(run / "student.keras"), _weights(live / "student.keras")):
+        np.testing.assert_array_equal(got, want)
+    report = json.loads((run / "report.json").read_text())
+    assert report["teacher_path"]["reason"].startswith("read from the teacher store")
+
+
+def test_a_store_filled_ahead_is_replayed_and_another_seed_is_refused(funmatch, tmp_path):
+    store = tmp_path / "store"
+    # Two processes, one half of the run each.
+    funmatch("teacher-store", *_args(tmp_path), f"--store={store}", "--steps=0:16")
+    funmatch("teacher-store", *_args(tmp_path), f"--store={store}", "--steps=16:32")
+    filled = {name: (store / name).stat().st_mtime_ns for name in _chunks(store)}
+    out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
+                   "--config.temperature=2.0", f"--workdir={tmp_path / 'replayed'}")
+    assert "Teacher store" not in out  # nothing left to compute...
+    assert {name: (store / name).stat().st_mtime_ns for name in _chunks(store)} == filled
+    live = tmp_path / "live"
+    funmatch("distill", *_args(tmp_path), "--config.temperature=2.0", f"--workdir={live}",
+             "--verbose=0")
+    for got, want in zip(_weights(tmp_path / "replayed" / "student.keras"),
+                         _weights(live / "student.keras")):
+        np.testing.assert_array_equal(got, want)
+    out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
+                   "--config.seed=1", f"--workdir={tmp_path / 'other'}", expect=2)
+    assert "seed: 0 -> 1" in out and "teacher_store" in out
