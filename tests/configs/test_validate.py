@@ -1,6 +1,7 @@
 """configs.validate: non-finite floats and dataset / split settings are refused by name."""
 
 import math
+import re
 
 import pytest
 
@@ -11,9 +12,16 @@ from funmatch_keras.configs import common
 FLOAT_FIELDS = [name for name, field in common.FIELDS.items() if float in field.types]
 
 
-def test_every_float_field_is_checked():
-    assert {"lr", "temperature", "weight_decay", "crop_area_min",
-            "checkpoint_every_minutes"} <= set(FLOAT_FIELDS)
+def test_every_float_field_is_checked(smoke_config):
+    # A field holding a float by default is declared a float field, so it is checked.
+    defaults = configs.load_config("digits")
+    holds_a_float = {name for name in common.FIELDS if type(defaults.get(name)) is float}
+    assert len(holds_a_float) >= 5 and holds_a_float <= set(FLOAT_FIELDS)
+    # All of them NaN at once: one error per field, naming each.
+    with pytest.raises(ValueError) as error:
+        configs.validate(smoke_config(**{name: "nan" for name in FLOAT_FIELDS}))
+    named = re.findall(r"(\w+) must be a finite number", str(error.value))
+    assert sorted(named) == sorted(FLOAT_FIELDS)
 
 
 @pytest.mark.parametrize("name", FLOAT_FIELDS)

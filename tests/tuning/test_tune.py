@@ -212,8 +212,8 @@ def test_decision_without_timing(smoke_config):
     decide = compute_path.decision
     short, why = decide(config, total_steps=100, num_replicas=1, resumed=False)
     assert short == tune.default_path() and why.startswith("run too short")
-    # The demo's 1,140 steps are too short; the paper's runs are 10k steps and more.
-    assert decide(config, 1_140, 1, False)[1].startswith("run too short")
+    # The demo's 1,520 steps (80 epochs x 19) are too short; the paper's runs are 10k and more.
+    assert decide(config, 1_520, 1, False)[1].startswith("run too short")
     assert decide(config, 10_000, 1, False) == (None, "tuned")
     # The boundary: 2 candidates x (20 compile + 3 timed + 1) steps = 48 = 1.5% of 3,200
     # steps; so a Pets run of 1,000 epochs (about 6,500 steps at batch 512) is tuned.
