@@ -1,6 +1,7 @@
 """Tests for funmatch_keras.app.cli: `--help` answers without importing TensorFlow.
 
-The commands themselves run in test_demo.py, test_train.py and test_distribute.py.
+The commands themselves run in app/test_demo.py, app/test_distill.py and
+training/test_distribute.py.
 """
 
 import os

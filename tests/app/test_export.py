@@ -1,6 +1,6 @@
 """Tests for funmatch_keras.app.export: `funmatch export` of a workdir's student.
 
-The writers and their parity targets are tested in tests/test_export.py; these
+The writers and their parity targets are tested in tests/export/test_formats.py; these
 check the workdir side: finding the student, the config's images, the report.
 """
 

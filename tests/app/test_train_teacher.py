@@ -28,9 +28,8 @@ def test_bit_hyperrule_schedule_length_by_dataset_size():
 
 
 @pytest.mark.slow
-def test_train_teacher_then_distill_from_its_file(tmp_path):
-    config = configs.apply_overrides(configs.load_config("digits:smoke=True"),
-                                     {"epochs": "3", "steps_per_epoch": "4"})
+def test_train_teacher_then_distill_from_its_file(tmp_path, smoke_config):
+    config = smoke_config(epochs=3, steps_per_epoch=4)
     path = supervised.train_teacher(config, str(tmp_path / "teacher"), verbose=0)
     teacher = keras.saving.load_model(path, safe_mode=True)
     assert teacher.output_shape == (None, 10)

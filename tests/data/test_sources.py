@@ -102,17 +102,10 @@ def test_sources_without_enough_files_shard_by_example(tmp_path, caplog, imgs):
         src.shard(2, 2)
 
 
-def _tfds_config(**overrides):
-    from funmatch_keras import configs
-
-    config = configs.load_config("digits:smoke=True")
-    return configs.apply_overrides(config, overrides)
-
-
-def test_build_source_reads_any_tfds_dataset_with_the_splits_of_the_config(tmp_path):
+def test_build_source_reads_any_tfds_dataset_with_the_splits_of_the_config(tmp_path, smoke_config):
     from funmatch_keras.app import build
 
-    config = _tfds_config(dataset="cifar10", data_dir=str(tmp_path), train_split="train[:90%]",
+    config = smoke_config(dataset="cifar10", data_dir=str(tmp_path), train_split="train[:90%]",
                           validation_split="train[90%:]", test_split="test")
     with tfds.testing.mock_data(num_examples=6):
         names = {role: build.source(config, role).name for role in recipe.SPLIT_ROLES}
@@ -121,22 +114,22 @@ def test_build_source_reads_any_tfds_dataset_with_the_splits_of_the_config(tmp_p
                      "test": "cifar10:test"}
     assert (train.num_classes, train.encoded) == (10, True)
     with pytest.raises(ValueError, match=r"set --config\.test_split"):
-        build.source(_tfds_config(dataset="cifar10", train_split="train"), "test")
+        build.source(smoke_config(dataset="cifar10", train_split="train"), "test")
     with pytest.raises(ValueError, match="Unknown split"):
         build.source(config, "trian")
 
 
-def test_build_source_split_fields_override_a_preset_verbatim(tmp_path):
+def test_build_source_split_fields_override_a_preset_verbatim(tmp_path, smoke_config):
     from funmatch_keras.app import build
 
     # food101's tfds name is its preset name: "validation" must stay the tfds split
     # (the preset's validation role is "train[90%:]").
     with tfds.testing.mock_data(num_examples=6):
-        overridden = build.source(_tfds_config(dataset="food101", data_dir=str(tmp_path),
+        overridden = build.source(smoke_config(dataset="food101", data_dir=str(tmp_path),
                                                validation_split="validation"), "validation")
-        preset = build.source(_tfds_config(dataset="food101", data_dir=str(tmp_path)),
+        preset = build.source(smoke_config(dataset="food101", data_dir=str(tmp_path)),
                               "validation")
-        pets = build.source(_tfds_config(dataset="pets37", data_dir=str(tmp_path),
+        pets = build.source(smoke_config(dataset="pets37", data_dir=str(tmp_path),
                                          test_split="test[:50%]"), "test")
     assert (overridden.name, preset.name) == ("food101:validation", "food101:train[90%:]")
     assert (pets.name, pets.num_classes) == ("oxford_iiit_pet:test[:50%]", 37)

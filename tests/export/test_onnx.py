@@ -2,7 +2,7 @@
 run in onnxruntime, in the same parity report as TFLite; a failed conversion is a
 failed row and the other formats still export.
 
-The parity of a trained student on digits is in tests/test_export.py (`onnx` is one of
+The parity of a trained student on digits is in tests/export/test_formats.py (`onnx` is one of
 `export.FORMATS`, so `test_format_meets_parity_target[onnx]` covers it).
 """
 

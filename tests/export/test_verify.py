@@ -1,7 +1,7 @@
 """Tests for funmatch_keras.export.verify: quantization maths and the artifact runners.
 
 Every format is verified end to end against a trained student in
-tests/test_export.py; these are the fast checks.
+tests/export/test_formats.py; these are the fast checks.
 """
 
 import os

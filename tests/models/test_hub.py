@@ -179,16 +179,15 @@ def test_bad_specs():
 
 
 @pytest.mark.slow
-def test_distill_a_hub_teacher_into_a_reheaded_hub_student(tmp_path):
+def test_distill_a_hub_teacher_into_a_reheaded_hub_student(tmp_path, smoke_config):
     # digits: 10 classes. The teacher preset has 10 (used as it is), the student's 3
     # (re-headed to 10). Offline, through the config and `funmatch distill`'s run.
     teacher_dir, student_dir = tmp_path / "teacher_preset", tmp_path / "student_preset"
     save_preset(teacher_dir, num_classes=10, seed=1, size=16)
     save_preset(student_dir, num_classes=3, seed=2, size=16)
-    config = configs.apply_overrides(configs.load_config("digits:smoke=True"), {
-        "teacher": f"keras_hub:{teacher_dir}", "teacher_epochs": "None",
-        "teacher_size": "16", "student": f"keras_hub:{student_dir}", "student_size": "16",
-        "epochs": "1", "steps_per_epoch": "2"})
+    config = smoke_config(
+        teacher=f"keras_hub:{teacher_dir}", teacher_epochs=None, teacher_size=16,
+        student=f"keras_hub:{student_dir}", student_size=16, epochs=1, steps_per_epoch=2)
     report = train.run(config, str(tmp_path / "run"), verbose=0)
     assert 0.0 <= report["agreement"] <= 1.0
     student = models.load_keras_file(report["student"])
