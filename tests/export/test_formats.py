@@ -301,9 +301,10 @@ from funmatch_keras import export as fx
 SIZE = 32
 assert keras.backend.backend() == "jax"
 images = np.random.default_rng(0).uniform(-1, 1, (4, SIZE, SIZE, 3)).astype("float32")
-student = keras.Sequential([keras.Input((SIZE, SIZE, 3), name="images"),
-                            keras.layers.Conv2D(8, 3, 2), keras.layers.BatchNormalization(),
-                            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
+inputs = keras.Input((SIZE, SIZE, 3), name="images")
+x = keras.layers.BatchNormalization()(keras.layers.Conv2D(16, 3, 2, use_bias=False)(inputs))
+x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+student = keras.Model(inputs, keras.layers.Dense(10)(x), name="tiny_student")
 report = fx.export_all(student, "ok", ["keras", "tflite_int8"], eval_images=images,
                        representative_data=images)
 print(json.dumps(report))
