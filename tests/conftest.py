@@ -1,7 +1,12 @@
-"""Shared test setup: quiet TensorFlow, two logical CPUs for tf.distribute tests."""
+"""Shared test setup and fixtures: quiet TensorFlow, two logical CPUs for tf.distribute
+tests, the digits smoke config, a NumPy reference of the loss, toy and tiny models.
 
-import functools
+Fixtures are found by pytest, never imported: a folder's own `conftest.py` holds those
+only its tests use (tests/data/conftest.py: images and TFRecords; tests/optim/conftest.py).
+"""
+
 import os
+import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -23,7 +28,7 @@ except RuntimeError:  # already initialized by an earlier import
     pass
 
 
-@functools.lru_cache(maxsize=None)
+@pytest.fixture(scope="session")
 def two_cpu_strategy() -> tf.distribute.MirroredStrategy:
     """The session's one 2-replica MirroredStrategy over the two logical CPUs.
 
@@ -54,7 +59,79 @@ def _op_determinism_stays_in_its_test():
         tf_config.disable_op_determinism()
 
 
-# -- the export and ship tests: a tiny CNN student trained on digits at 32 px -----------
+def _smoke_config(**overrides):
+    """The digits smoke config, with `--config.FIELD=VALUE` overrides (any value, as text)."""
+    from funmatch_keras import configs
+
+    config = configs.load_config("digits:smoke=True")
+    return configs.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
+
+
+@pytest.fixture(scope="session")
+def smoke_config():
+    """`smoke_config(epochs=2, lr=0.5)`: the digits smoke config with those overrides."""
+    return _smoke_config
+
+
+def _numpy_distillation_kl(teacher, student, temperature):
+    """Independent reference: T² · KL(softmax(t/T) ‖ softmax(s/T)), per example."""
+
+    def log_softmax(z):
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    log_p = log_softmax(teacher.astype(np.float64) / temperature)
+    log_q = log_softmax(student.astype(np.float64) / temperature)
+    return temperature**2 * (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+@pytest.fixture(scope="session")
+def numpy_kl():
+    """`numpy_kl(teacher_logits, student_logits, temperature)`: the loss per example, float64."""
+    return _numpy_distillation_kl
+
+
+# -- the Distiller tests: a toy task of 5 classes, small MLPs ---------------------------
+
+_TOY_CLASSES = 5
+
+
+def _mlp(input_dim=6, num_classes=_TOY_CLASSES, seed=0, hidden=8):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((input_dim,)), keras.layers.Dense(hidden, activation="relu"),
+         keras.layers.Dense(num_classes)]
+    )
+
+
+def _toy_data(rng, n=16, dim=6):
+    return rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, _TOY_CLASSES, n)
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """`toy.mlp(seed=1)`, `toy.data(rng)` -> (x, y), over `toy.NUM_CLASSES` classes."""
+    return types.SimpleNamespace(NUM_CLASSES=_TOY_CLASSES, mlp=_mlp, data=_toy_data)
+
+
+# -- the export tests: a tiny CNN student trained on digits at 32 px ---------------------
+
+
+def _tiny_student(input_size=32) -> keras.Model:
+    inputs = keras.Input((input_size, input_size, 3), name="images")
+    x = inputs
+    for filters in (16, 32, 64):
+        x = keras.layers.Conv2D(filters, 3, 2, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10)(x), name="tiny_student")
+
+
+@pytest.fixture(scope="session")
+def tiny_student():
+    """`tiny_student(input_size=32)`: a new untrained tiny CNN of 10 classes."""
+    return _tiny_student
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +147,7 @@ def digits():
 def student(digits):
     x_train, y_train, _ = digits
     keras.utils.set_random_seed(0)
-    from tests.export_fixtures import tiny_student
-
-    model = tiny_student()
+    model = _tiny_student()
     model.compile(
         keras.optimizers.Adam(3e-3),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),

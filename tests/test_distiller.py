@@ -9,30 +9,14 @@ import pytest
 import tensorflow as tf
 
 from funmatch_keras import Distiller
-from tests.conftest import two_cpu_strategy
-from tests.test_losses import numpy_distillation_kl
-
-NUM_CLASSES = 5
 
 
-def mlp(input_dim=6, num_classes=NUM_CLASSES, seed=0, hidden=8):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [keras.Input((input_dim,)), keras.layers.Dense(hidden, activation="relu"),
-         keras.layers.Dense(num_classes)]
-    )
-
-
-def data(rng, n=16, dim=6):
-    return rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, NUM_CLASSES, n)
-
-
-def test_teacher_frozen_and_only_student_trainable(rng):
-    teacher, student = mlp(seed=1), mlp(seed=2)
+def test_teacher_frozen_and_only_student_trainable(rng, toy):
+    teacher, student = toy.mlp(seed=1), toy.mlp(seed=2)
     before = [w.copy() for w in teacher.get_weights()]
     distiller = Distiller(teacher, student, temperature=2.0)
     distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
-    x, y = data(rng)
+    x, y = toy.data(rng)
     student_before = [w.copy() for w in student.get_weights()]
     distiller.fit(x, y, batch_size=4, epochs=2, verbose=0)
     for a, b in zip(before, teacher.get_weights()):
@@ -42,12 +26,12 @@ def test_teacher_frozen_and_only_student_trainable(rng):
     assert trainable == {id(v) for v in student.trainable_variables}
 
 
-def test_loss_equals_reference_and_labels_do_not_enter(rng):
-    teacher, student = mlp(seed=1), mlp(seed=2)
+def test_loss_equals_reference_and_labels_do_not_enter(rng, numpy_kl, toy):
+    teacher, student = toy.mlp(seed=1), toy.mlp(seed=2)
     distiller = Distiller(teacher, student, temperature=3.0)
     distiller.compile(optimizer="sgd")
-    x, y = data(rng)
-    expected = numpy_distillation_kl(teacher.predict(x, verbose=0),
+    x, y = toy.data(rng)
+    expected = numpy_kl(teacher.predict(x, verbose=0),
                                      student.predict(x, verbose=0), 3.0)
     with_labels = distiller.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
     without = distiller.evaluate(x, batch_size=16, verbose=0, return_dict=True)
@@ -56,23 +40,23 @@ def test_loss_equals_reference_and_labels_do_not_enter(rng):
     assert "student_top1" not in without and "agreement" in without
 
 
-def test_eval_metrics_match_numpy(rng):
-    teacher, student = mlp(seed=1), mlp(seed=2)
+def test_eval_metrics_match_numpy(rng, numpy_kl, toy):
+    teacher, student = toy.mlp(seed=1), toy.mlp(seed=2)
     distiller = Distiller(teacher, student)
     distiller.compile(optimizer="sgd")
-    x, y = data(rng, n=32)
+    x, y = toy.data(rng, n=32)
     t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
     logs = distiller.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
     assert logs["student_top1"] == pytest.approx(np.mean(s.argmax(1) == y))
     assert logs["teacher_top1"] == pytest.approx(np.mean(t.argmax(1) == y))
     assert logs["agreement"] == pytest.approx(np.mean(s.argmax(1) == t.argmax(1)))
-    assert logs["kl"] == pytest.approx(numpy_distillation_kl(t, s, 1.0).mean(), rel=1e-5)
+    assert logs["kl"] == pytest.approx(numpy_kl(t, s, 1.0).mean(), rel=1e-5)
 
 
-def test_training_logs_only_the_loss(rng):
-    distiller = Distiller(mlp(seed=1), mlp(seed=2))
+def test_training_logs_only_the_loss(rng, toy):
+    distiller = Distiller(toy.mlp(seed=1), toy.mlp(seed=2))
     distiller.compile(optimizer="sgd")
-    x, y = data(rng)
+    x, y = toy.data(rng)
     history = distiller.fit(x, y, validation_data=(x, y), epochs=1, verbose=0)
     assert set(history.history) == {
         "loss", "val_loss", "val_student_top1", "val_teacher_top1", "val_agreement", "val_kl"
@@ -80,12 +64,12 @@ def test_training_logs_only_the_loss(rng):
 
 
 @pytest.mark.parametrize("run_eagerly", [False, True])
-def test_logged_names_do_not_depend_on_call_order(rng, run_eagerly):
+def test_logged_names_do_not_depend_on_call_order(rng, run_eagerly, toy):
     # What each step reports is decided per step kind, not by state left by the
     # previous step: evaluate before fit, fit, then evaluate again.
-    distiller = Distiller(mlp(seed=1), mlp(seed=2))
+    distiller = Distiller(toy.mlp(seed=1), toy.mlp(seed=2))
     distiller.compile(optimizer="sgd", run_eagerly=run_eagerly)
-    x, y = data(rng)
+    x, y = toy.data(rng)
     first = distiller.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
     history = distiller.fit(x, y, batch_size=8, epochs=1, verbose=0)
     again = distiller.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
@@ -97,28 +81,28 @@ def test_logged_names_do_not_depend_on_call_order(rng, run_eagerly):
     assert unlabeled["kl"] == pytest.approx(again["kl"], rel=1e-6)
 
 
-def test_ensemble_is_mean_of_logits(rng):
-    t1, t2, student = mlp(seed=1), mlp(seed=3), mlp(seed=2)
-    x, _ = data(rng)
+def test_ensemble_is_mean_of_logits(rng, numpy_kl, toy):
+    t1, t2, student = toy.mlp(seed=1), toy.mlp(seed=3), toy.mlp(seed=2)
+    x, _ = toy.data(rng)
     distiller = Distiller([t1, t2], student, temperature=2.0)
     mean = (t1.predict(x, verbose=0) + t2.predict(x, verbose=0)) / 2
     np.testing.assert_allclose(distiller.teacher_logits(x).numpy(), mean, atol=1e-6)
     distiller.compile(optimizer="sgd")
     loss = distiller.evaluate(x, batch_size=16, verbose=0, return_dict=True)["loss"]
-    expected = numpy_distillation_kl(mean, student.predict(x, verbose=0), 2.0).mean()
+    expected = numpy_kl(mean, student.predict(x, verbose=0), 2.0).mean()
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
-def test_dict_batches_route_each_view_to_its_model(rng):
+def test_dict_batches_route_each_view_to_its_model(rng, numpy_kl, toy):
     # Different input sizes make a wrong routing fail loudly.
-    teacher, student = mlp(input_dim=9, seed=1), mlp(input_dim=6, seed=2)
+    teacher, student = toy.mlp(input_dim=9, seed=1), toy.mlp(input_dim=6, seed=2)
     distiller = Distiller(teacher, student)
     distiller.compile(optimizer="sgd")
-    xs, y = data(rng, dim=6)
-    xt, _ = data(rng, dim=9)
+    xs, y = toy.data(rng, dim=6)
+    xt, _ = toy.data(rng, dim=9)
     logs = distiller.evaluate({"student": xs, "teacher": xt}, y, batch_size=16, verbose=0,
                               return_dict=True)
-    expected = numpy_distillation_kl(teacher.predict(xt, verbose=0),
+    expected = numpy_kl(teacher.predict(xt, verbose=0),
                                      student.predict(xs, verbose=0), 1.0)
     assert logs["loss"] == pytest.approx(expected.mean(), rel=1e-5)
     np.testing.assert_allclose(distiller.predict({"student": xs, "teacher": xt}, verbose=0),
@@ -126,30 +110,30 @@ def test_dict_batches_route_each_view_to_its_model(rng):
     distiller.fit({"student": xs, "teacher": xt}, epochs=1, batch_size=8, verbose=0)
 
 
-def test_precomputed_teacher_logits_without_teacher(rng):
-    student = mlp(seed=2)
+def test_precomputed_teacher_logits_without_teacher(rng, numpy_kl, toy):
+    student = toy.mlp(seed=2)
     distiller = Distiller(None, student, temperature=2.0)
     distiller.compile(optimizer="sgd")
-    xs, _ = data(rng)
-    logits = rng.normal(size=(16, NUM_CLASSES)).astype(np.float32)
+    xs, _ = toy.data(rng)
+    logits = rng.normal(size=(16, toy.NUM_CLASSES)).astype(np.float32)
     loss = distiller.evaluate(
         {"student": xs, "teacher_logits": logits}, batch_size=16, verbose=0, return_dict=True
     )["loss"]
-    expected = numpy_distillation_kl(logits, student.predict(xs, verbose=0), 2.0).mean()
+    expected = numpy_kl(logits, student.predict(xs, verbose=0), 2.0).mean()
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
-def test_errors_name_the_fix(rng):
+def test_errors_name_the_fix(rng, toy):
     with pytest.raises(ValueError, match="temperature=0"):
-        Distiller(mlp(), mlp(), temperature=0)
+        Distiller(toy.mlp(), toy.mlp(), temperature=0)
     with pytest.raises(ValueError, match="outputs 7 classes but the student outputs 5"):
-        Distiller(mlp(num_classes=7), mlp(num_classes=5))
-    xs, _ = data(rng)
-    distiller = Distiller(None, mlp())
+        Distiller(toy.mlp(num_classes=7), toy.mlp(num_classes=5))
+    xs, _ = toy.data(rng)
+    distiller = Distiller(None, toy.mlp())
     distiller.compile(optimizer="sgd")
     with pytest.raises(ValueError, match="teacher=None.*'teacher_logits'"):
         distiller.fit(xs, epochs=1, verbose=0)
-    distiller = Distiller(mlp(seed=1), mlp(seed=2))
+    distiller = Distiller(toy.mlp(seed=1), toy.mlp(seed=2))
     distiller.compile(optimizer="sgd")
     with pytest.raises(ValueError, match="no 'student' images"):
         distiller.fit({"teacher": xs}, epochs=1, verbose=0)
@@ -159,7 +143,7 @@ def test_errors_name_the_fix(rng):
         distiller.fit({"studnet": xs, "teacher": xs}, epochs=1, verbose=0)
 
 
-def one_step_weights(strategy, x, teacher_weights, student_weights):
+def one_step_weights(strategy, mlp, x, teacher_weights, student_weights):
     with strategy.scope():
         teacher, student = mlp(seed=1), mlp(seed=2)
         teacher.set_weights(teacher_weights)
@@ -171,24 +155,25 @@ def one_step_weights(strategy, x, teacher_weights, student_weights):
     return student.get_weights(), history.history["loss"][0]
 
 
-def test_mirrored_strategy_matches_one_device(rng):
-    x, _ = data(rng, n=16)
-    tw, sw = mlp(seed=1).get_weights(), mlp(seed=2).get_weights()
-    one_weights, one_loss = one_step_weights(tf.distribute.OneDeviceStrategy("/cpu:0"), x, tw, sw)
-    two_weights, two_loss = one_step_weights(two_cpu_strategy(), x, tw, sw)
+def test_mirrored_strategy_matches_one_device(rng, two_cpu_strategy, toy):
+    x, _ = toy.data(rng, n=16)
+    tw, sw = toy.mlp(seed=1).get_weights(), toy.mlp(seed=2).get_weights()
+    one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
+    one_weights, one_loss = one_step_weights(one_device, toy.mlp, x, tw, sw)
+    two_weights, two_loss = one_step_weights(two_cpu_strategy, toy.mlp, x, tw, sw)
     assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(sw, one_weights))  # the step moved
     for a, b in zip(one_weights, two_weights):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert two_loss == pytest.approx(one_loss, rel=1e-6)
 
 
-def test_mirrored_strategy_evaluate_matches_one_device(rng):
-    x, y = data(rng, n=16)
-    tw, sw = mlp(seed=1).get_weights(), mlp(seed=2).get_weights()
+def test_mirrored_strategy_evaluate_matches_one_device(rng, two_cpu_strategy, toy):
+    x, y = toy.data(rng, n=16)
+    tw, sw = toy.mlp(seed=1).get_weights(), toy.mlp(seed=2).get_weights()
     results = []
-    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), two_cpu_strategy()):
+    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), two_cpu_strategy):
         with strategy.scope():
-            teacher, student = mlp(seed=1), mlp(seed=2)
+            teacher, student = toy.mlp(seed=1), toy.mlp(seed=2)
             teacher.set_weights(tw)
             student.set_weights(sw)
             distiller = Distiller(teacher, student)

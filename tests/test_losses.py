@@ -5,29 +5,17 @@ import tensorflow as tf
 from funmatch_keras.losses import DistillationKL
 
 
-def numpy_distillation_kl(teacher, student, temperature):
-    """Independent reference: T² · KL(softmax(t/T) ‖ softmax(s/T)), per example."""
-
-    def log_softmax(z):
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-    log_p = log_softmax(teacher.astype(np.float64) / temperature)
-    log_q = log_softmax(student.astype(np.float64) / temperature)
-    return temperature**2 * (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
-
-
 def softmax(z):
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0, 10.0])
-def test_matches_numpy_reference(rng, temperature):
+def test_matches_numpy_reference(rng, temperature, numpy_kl):
     teacher = rng.normal(scale=4.0, size=(16, 37)).astype(np.float32)
     student = rng.normal(scale=4.0, size=(16, 37)).astype(np.float32)
     loss = DistillationKL(temperature=temperature)
-    expected = numpy_distillation_kl(teacher, student, temperature)
+    expected = numpy_kl(teacher, student, temperature)
     np.testing.assert_allclose(float(loss(teacher, student)), expected.mean(), rtol=1e-6, atol=1e-6)
     per_example = DistillationKL(temperature=temperature, reduction=None)(teacher, student)
     np.testing.assert_allclose(np.asarray(per_example), expected, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """The package namespace: lazy submodules, public names, no TensorFlow on import."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -47,15 +48,34 @@ def test_models_distiller_optim_do_not_load_tensorflow():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_public_names_reachable():
+def _eager_imports() -> dict[str, tuple[str, str]]:
+    """What `funmatch_keras/__init__.py` imports for static analyzers (its
+    `if TYPE_CHECKING:` block): public name -> (module, attribute or None)."""
+    import ast
+
+    tree = ast.parse((_PACKAGE / "__init__.py").read_text())
+    block = next(node for node in tree.body
+                 if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test))
+    return {alias.asname or alias.name: (node.module, alias.name)
+            for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+
+
+def test_public_names_are_what_static_analyzers_see():
     assert fm.__version__ == "0.1.0"
     assert sorted(fm.data.MODES) == [
         "consistent", "fixed_teacher", "function_matching", "independent"]
-    assert fm.Distiller is fm.distiller.Distiller
+    eager = _eager_imports()
+    assert set(fm.__all__) <= set(eager), set(fm.__all__) - set(eager)
     for name in fm.__all__:
-        assert getattr(fm, name) is not None
+        module, attribute = eager[name]
+        try:  # `from funmatch_keras.data import augment` names a submodule
+            expected = importlib.import_module(f"{module}.{attribute}")
+        except ModuleNotFoundError:  # `from funmatch_keras.losses import DistillationKL`
+            expected = getattr(importlib.import_module(module), attribute)
+        assert getattr(fm, name) is expected, name
         assert name in dir(fm)
-    from funmatch_keras import DistillationKL, Distiller  # noqa: F401
+    assert fm.Distiller.__module__ == "funmatch_keras.distiller"
+    assert fm.train.__name__ == "funmatch_keras.app.distill"
 
 
 def test_unknown_attribute_raises():

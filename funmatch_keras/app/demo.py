@@ -38,7 +38,7 @@ CONFIG = "digits:variant=demo"  # the demo's setting: configs/digits.py says why
 # The README's demo table: `benchmarks/demo_seeds.py --seeds 0,1,2` on the demo's
 # default setting, test top-1 and agreement with the teacher as (mean, std) over
 # the seeds, and the distilled-minus-label gap (mean, worst seed). The demo prints
-# its own single run beside these; tests/test_demo.py checks the README says the same.
+# its own single run beside these; tests/app/test_demo.py checks the README says the same.
 REFERENCE = {
     "seeds": (0, 1, 2),
     "machine": "Intel(R) Xeon(R) Processor, 2 cores, avx2 avx512_bf16 amx_bf16",

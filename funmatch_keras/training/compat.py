@@ -32,7 +32,7 @@ from absl import logging
 # without a fix). Every release from 3.0 to 3.15.1, the newest when this was
 # written, has that line. The upper bound is the first release nobody has
 # checked: on a newer Keras the patch is not applied until its trainer has
-# been read (and the bound raised here, after tests/test_compat.py passes).
+# been read (and the bound raised here, after tests/training/test_compat.py passes).
 _NEEDS_PATCH = ((3, 0), (3, 16))  # [lower, upper): (major, minor)
 
 # The faulty line, as Keras 3.0–3.15 spell it in `reduce_per_replica`.
