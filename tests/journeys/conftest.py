@@ -210,3 +210,9 @@ def workers(tmp_path: Path):
     yield started
     for cluster in started.clusters:
         cluster.kill_all()
+
+
+@pytest.fixture(name="fresh_env")
+def fresh_env_fixture() -> Callable[..., dict[str, str]]:
+    """`fresh_env(**extra)`: the environment of a new shell with the checkout importable."""
+    return fresh_env

@@ -15,7 +15,6 @@ import keras
 import numpy as np
 import pytest
 
-from tests.journeys.conftest import fresh_env
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +81,7 @@ def funmatch(shell, tmp_path):
     return run
 
 
-def test_two_processes_fill_one_store_each_chunk_once(funmatch, tmp_path):
+def test_two_processes_fill_one_store_each_chunk_once(funmatch, tmp_path, fresh_env):
     store = tmp_path / "store"
     command = [sys.executable, str(tmp_path / "funmatch_dies.py"), "none", "0",
                "teacher-store", *_args(tmp_path, epochs=10), f"--store={store}"]
