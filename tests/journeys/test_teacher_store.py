@@ -15,7 +15,6 @@ import keras
 import numpy as np
 import pytest
 
-
 pytestmark = pytest.mark.slow
 
 # `funmatch ARGS` with stores of 8-step chunks, killed (SIGKILL, by itself) at the NTH
