@@ -74,11 +74,7 @@ def bare_images_per_s(config, warmup_steps: int) -> float:
     total = config.steps_per_epoch * config.epochs
     distiller.compile(optimizer=build.optimizer(config, total),
                       jit_compile=build.jit_compile(config.jit_compile))
-    ds = data.train_pipeline(  # as `train.run` builds it
-        source, mode=config.mode, batch_size=config.batch_size,
-        student_size=config.student_size, seed=config.seed,
-        shuffle_buffer=min(source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
-        area_range=(config.crop_area_min, 1.0), flip=config.flip)
+    ds = data.train_pipeline(source, **build.pipeline_kwargs(config, source))  # as distill's
     timer = _SteadyStateTimer(warmup_steps)
     distiller.fit(ds, steps_per_epoch=total, epochs=1, verbose=0, callbacks=[timer],
                   shuffle=False)  # as `loop.fit_resumably` calls it

@@ -102,13 +102,12 @@ def run_cell(mode: str, epochs: int, config, teacher, train_source, workdir: str
     total = steps * epochs
     keras.utils.set_random_seed(config.seed + 1)  # the same student init in every cell
     student = build.student(config, train_source.num_classes)
-    ds = data.train_pipeline(
-        train_source, mode=mode, batch_size=config.batch_size,
-        student_size=config.student_size, seed=config.seed,
-        shuffle_buffer=train_source.num_examples, area_range=(config.crop_area_min, 1.0),
-        flip=config.flip, teacher_logits=teacher_cache.teacher_logits(
-            train_source, teacher, config.student_size, workdir)
-        if mode == "fixed_teacher" else None)
+    logits = None
+    if mode == "fixed_teacher":
+        logits = teacher_cache.teacher_logits(train_source, teacher, config.student_size,
+                                              workdir)
+    ds = data.train_pipeline(train_source, **build.pipeline_kwargs(
+        config, train_source, mode=mode, teacher_logits=logits))
     distiller = Distiller(teacher, student, temperature=config.temperature)
     distiller.compile(optimizer=optim.adamw(config.lr, config.weight_decay, total,
                                             min(config.warmup_steps, total - 1)),

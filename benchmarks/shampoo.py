@@ -107,11 +107,8 @@ def make_optimizer(name: str, lr: float, weight_decay: float, total_steps: int,
 
 def train_data(config, seed: int, epochs: int | None):
     train_source = digits_source("train")
-    return data.train_pipeline(
-        train_source, mode="function_matching", batch_size=config.batch_size,
-        student_size=config.student_size, seed=seed, epochs=epochs,
-        shuffle_buffer=train_source.num_examples, area_range=(config.crop_area_min, 1.0),
-        flip=config.flip)
+    return data.train_pipeline(train_source, **build.pipeline_kwargs(
+        config, train_source, mode="function_matching", seed=seed, epochs=epochs))
 
 
 def distill(name: str, epochs: int, seed: int, initial: list, teacher, config, test, args):

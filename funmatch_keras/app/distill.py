@@ -124,23 +124,8 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose, start, train_source
         fixed_logits = teacher_cache.teacher_logits(train_source, teachers[0], teacher_size,
                                                     workdir)
 
-    def make_dataset(step: int):
-        def pipeline(input_context):
-            if input_context is not None and verbose:
-                n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
-                part = train_source.shard(n, i)
-                print(f"Input pipeline {i + 1} of {n} reads {part.name}: "
-                      f"{part.num_examples} examples.", flush=True)
-            return data.train_pipeline(
-                train_source, mode=config.mode, batch_size=config.batch_size,
-                student_size=config.student_size, teacher_size=teacher_size,
-                seed=config.seed,
-                shuffle_buffer=min(train_source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
-                teacher_logits=fixed_logits, start_step=step,
-                area_range=(config.crop_area_min, 1.0), flip=config.flip,
-                num_replicas=replicas.num_replicas, input_context=input_context)
-
-        return replicas.train_dataset(pipeline)
+    make_dataset = build.train_datasets(config, train_source, replicas, verbose,
+                                        teacher_logits=fixed_logits)
 
     distiller, teacher_path = compute_path.choose(
         config, distiller, workdir, total_steps=total_steps,

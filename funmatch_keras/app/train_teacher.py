@@ -108,15 +108,10 @@ def fit_with_labels(
         total_steps=cadence.total_steps, validation_data=validation_data,
         eval_every_steps=max(1, cadence.total_steps // evaluations), verbose=log_verbose)
 
-    def make_dataset(step: int):
-        def pipeline(input_context):
-            return data.train_pipeline(
-                source, mode="consistent", batch_size=config.batch_size, student_size=size,
-                seed=seed, shuffle_buffer=min(source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
-                area_range=area_range, flip=config.flip, with_labels=True, start_step=step,
-                num_replicas=replicas.num_replicas, input_context=input_context)
-
-        return replicas.train_dataset(pipeline)
+    # Labelled crops of the teacher's size, as consistent views (no teacher to match).
+    make_dataset = build.train_datasets(
+        config, source, replicas, mode="consistent", student_size=size, teacher_size=None,
+        seed=seed, area_range=area_range, with_labels=True)
 
     loop.fit_with_checkpoints(
         model, make_dataset, checkpoint_dir=checkpoint_dir,
