@@ -58,31 +58,11 @@ from funmatch_keras.data.sources import digits_source  # noqa: E402
 from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.optim import optimizers as optim
 from funmatch_keras.training import distribute
+from funmatch_keras.training.steplog import TestSetTracker
 
 MODES = ("fixed_teacher", "independent", "consistent", "function_matching")
 LABELS = {"fixed_teacher": "fixed teacher", "independent": "independent noise",
           "consistent": "consistent", "function_matching": "function matching"}
-
-
-class Curve(keras.callbacks.Callback):
-    """Test top-1 and agreement with the teacher every `every` epochs (and the last)."""
-
-    def __init__(self, student, images, labels, teacher_top1, every, epochs):
-        super().__init__()
-        self.student, self.images, self.labels = student, images, labels
-        self.teacher_top1, self.every, self.epochs = teacher_top1, every, epochs
-        self.points: list[dict] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        done = epoch + 1
-        if done % self.every and done != self.epochs:
-            return
-        predictions = predict(self.student, self.images).argmax(-1)
-        self.points.append({
-            "epoch": done, "loss": float((logs or {}).get("loss", np.nan)),
-            "test_top1": float(np.mean(predictions == self.labels)),
-            "agreement": float(np.mean(predictions == self.teacher_top1)),
-        })
 
 
 def predict(model: keras.Model, images: np.ndarray) -> np.ndarray:
@@ -113,7 +93,7 @@ def run_cell(mode: str, epochs: int, config, teacher, train_source, workdir: str
                                             min(config.warmup_steps, total - 1)),
                       jit_compile=jit)
     test_x, test_y, teacher_test_top1 = eval_sets["test"]
-    curve = Curve(student, test_x, test_y, teacher_test_top1, eval_every, epochs)
+    curve = TestSetTracker(student, test_x, test_y, teacher_test_top1, eval_every, epochs)
     start = time.time()
     history = distiller.fit(ds, steps_per_epoch=steps, epochs=epochs, callbacks=[curve],
                             verbose=0)

@@ -64,34 +64,22 @@ from funmatch_keras.data.sources import digits_source  # noqa: E402
 from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.optim import optimizers as optim
 from funmatch_keras.training import distribute
+from funmatch_keras.training.steplog import TestSetTracker, predict_classes
 from funmatch_keras.tuning import hardware
 
 
-class Recorder(keras.callbacks.Callback):
+class Recorder(TestSetTracker):
     """Step times, and test top-1 / agreement with the teacher after each epoch."""
 
     def __init__(self, student, images, labels, teacher_predictions):
-        super().__init__()
-        self.student, self.images, self.labels = student, images, labels
-        self.teacher_predictions = teacher_predictions
+        super().__init__(student, images, labels, teacher_predictions)
         self.seconds: list[float] = []
-        self.top1: list[float] = []
-        self.agreement: list[float] = []
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
-
-    def on_epoch_end(self, epoch, logs=None):
-        predicted = predict_classes(self.student, self.images)
-        self.top1.append(float(np.mean(predicted == self.labels)))
-        self.agreement.append(float(np.mean(predicted == self.teacher_predictions)))
-
-
-def predict_classes(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(images, batch_size=256, verbose=0)).argmax(-1)
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float, total_steps: int,

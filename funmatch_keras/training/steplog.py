@@ -30,6 +30,7 @@ import warnings
 from typing import Any, Callable
 
 import keras
+import numpy as np
 from absl import logging
 
 from funmatch_keras import atomic
@@ -339,6 +340,71 @@ def evaluate(model: keras.Model, dataset) -> dict[str, float]:
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         results = model.evaluate(dataset, verbose=0, return_dict=True)
     return {k: float(v) for k, v in results.items()}
+
+
+def predict_classes(model: keras.Model | list[keras.Model], images: np.ndarray,
+                    batch_size: int = 256) -> np.ndarray:
+    """Top-1 classes of a model, or of an ensemble (a list: logits averaged, as distilled)."""
+    models = model if isinstance(model, (list, tuple)) else [model]
+    logits = [np.asarray(m.predict(images, batch_size=batch_size, verbose=0)) for m in models]
+    return np.mean(logits, axis=0).argmax(-1)
+
+
+class TestSetTracker(keras.callbacks.Callback):
+    """Test top-1 of `student`, and its agreement with the teacher, at epoch ends.
+
+    For curves over a short run held in memory (the demo, the benchmarks);
+    `StepLogger` is the logger of long runs.
+
+    Args:
+        student: `keras.Model` scored (not the one `fit` trains: e.g. `distiller.student`).
+        images: array of test images.
+        labels: array of their classes.
+        teacher_classes: array of the teacher's top-1 classes on `images`.
+        every: int. Score every `every` epochs, and at `epochs`. Defaults to 1.
+        epochs: int or None. The run's last epoch. Defaults to None.
+
+    Attributes:
+        points: one dict per scoring: `epoch`, the epoch's training `loss`,
+            `test_top1` and `agreement`.
+
+    Example:
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> x = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> tracker = TestSetTracker(model, x, np.array([0, 1]), predict_classes(model, x))
+    >>> _ = model.fit(x, np.zeros((2, 2)), epochs=2, verbose=0, callbacks=[tracker])
+    >>> [p["epoch"] for p in tracker.points], len(tracker.top1)
+    ([1, 2], 2)
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self, student: keras.Model, images: np.ndarray, labels: np.ndarray,
+                 teacher_classes: np.ndarray, every: int = 1, epochs: int | None = None):
+        super().__init__()
+        self.student, self.images, self.labels = student, images, labels
+        self.teacher_classes, self.every, self.epochs = teacher_classes, every, epochs
+        self.points: list[dict] = []
+
+    @property
+    def top1(self) -> list[float]:
+        return [p["test_top1"] for p in self.points]
+
+    @property
+    def agreement(self) -> list[float]:
+        return [p["agreement"] for p in self.points]
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if done % self.every and done != self.epochs:
+            return
+        predictions = predict_classes(self.student, self.images)
+        self.points.append({
+            "epoch": done, "loss": float((logs or {}).get("loss", np.nan)),
+            "test_top1": float(np.mean(predictions == self.labels)),
+            "agreement": float(np.mean(predictions == self.teacher_classes)),
+        })
 
 
 def read_metrics(path: str) -> list[dict]:
