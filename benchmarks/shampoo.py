@@ -65,7 +65,7 @@ from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.optim import optimizers as optim
 from funmatch_keras.training import distribute
 from funmatch_keras.training.steplog import TestSetTracker, predict_classes
-from funmatch_keras.tuning import hardware
+from funmatch_keras.tuning import hardware, timing
 
 
 class Recorder(TestSetTracker):
@@ -121,20 +121,6 @@ def distill(name: str, epochs: int, seed: int, initial: list, teacher, config, t
     return row
 
 
-def round_robin(steps: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds of each `steps[name]()` call, alternating names (reversed every round)."""
-    for step in steps.values():
-        step()  # trace and compile
-    seconds = {name: [] for name in steps}
-    order = list(steps)
-    for r in range(rounds):
-        for name in order if r % 2 == 0 else reversed(order):
-            start = time.perf_counter()
-            steps[name]()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
 def summary(seconds: list[float], optimizer=None) -> dict:
     """Median step, median root-recomputing step (Shampoo), mean step, in ms.
 
@@ -155,7 +141,10 @@ def summary(seconds: list[float], optimizer=None) -> dict:
 def step_overhead(build_step, rounds: int) -> dict:
     """Round-robin step times of AdamW and Shampoo; `build_step(name)` → (step, optimizer)."""
     built = {name: build_step(name) for name in ("adamw", "shampoo")}
-    seconds = round_robin({name: step for name, (step, _) in built.items()}, rounds)
+    for step, _ in built.values():
+        step()  # trace and compile
+    seconds = timing.round_robin({name: timing.timed(step) for name, (step, _) in built.items()},
+                                 rounds)
     result = {name: summary(seconds[name], built[name][1]) for name in built}
     result["median_ratio"] = round(result["shampoo"]["median_ms"] / result["adamw"]["median_ms"], 3)
     result["amortized_ratio"] = round(result["shampoo"]["mean_ms"] / result["adamw"]["mean_ms"], 3)

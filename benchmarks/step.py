@@ -66,7 +66,6 @@ import argparse
 import dataclasses
 import glob
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -85,7 +84,7 @@ from funmatch_keras import models  # noqa: E402
 from funmatch_keras.data import pipelines as data
 from funmatch_keras.data.sources import digits_source  # noqa: E402
 from funmatch_keras.optim import optimizers as optim
-from funmatch_keras.tuning import hardware
+from funmatch_keras.tuning import hardware, timing
 
 NUM_CLASSES = 10  # digits, for the agreement check
 AGREEMENT_TARGET = 0.995
@@ -557,19 +556,13 @@ def main() -> None:
           f"+ student train step {(flops_step - flops_teacher) / 1e9:.2f} G", flush=True)
 
     for v in variants:  # trace / compile, then one untimed warm call
-        t0 = time.perf_counter()
-        v.run()
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        v.run()
-        v.burst = max(1, math.ceil(0.1 / (time.perf_counter() - t0)))
+        first = timing.timed(v.run)()
+        v.burst = timing.burst_size(timing.timed(v.run)())
         print(f"  ready {v.name:<28} first call {first:6.1f} s", flush=True)
-    for r in range(repeats):  # round-robin, alternating order: load hits all alike
-        for v in variants if r % 2 == 0 else variants[::-1]:
-            t0 = time.perf_counter()
-            for _ in range(v.burst):
-                v.run()
-            v.seconds.append((time.perf_counter() - t0) / v.burst)
+    seconds = timing.round_robin({i: timing.timed(v.run, v.burst)
+                                  for i, v in enumerate(variants)}, repeats)
+    for i, v in enumerate(variants):
+        v.seconds += seconds[i]
 
     # ---- agreement of each teacher configuration with the float32 one
     # (of the first teacher, at its size; the others differ only in their size)

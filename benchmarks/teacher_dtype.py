@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,7 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from funmatch_keras import models  # noqa: E402
-from funmatch_keras.tuning import hardware
+from funmatch_keras.tuning import hardware, timing
 
 DTYPES = ("float32", "mixed_bfloat16", "bfloat16")
 
@@ -57,12 +56,9 @@ def main() -> None:
         forwards[dtype] = tf.function(
             lambda x, model=model: tf.cast(model(x, training=False), tf.float32))
     logits = {dtype: forward(images).numpy() for dtype, forward in forwards.items()}
-    seconds: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
-    for r in range(args.rounds):  # round-robin, alternating order
-        for dtype in DTYPES if r % 2 == 0 else DTYPES[::-1]:
-            start = time.perf_counter()
-            forwards[dtype](images).numpy()
-            seconds[dtype].append(time.perf_counter() - start)
+    seconds = timing.round_robin(
+        {dtype: timing.timed(lambda f=forward: f(images).numpy())
+         for dtype, forward in forwards.items()}, args.rounds)
     ms = {dtype: 1e3 * statistics.median(seconds[dtype]) for dtype in DTYPES}
     for dtype in DTYPES:
         print(f"{dtype:<16}{ms[dtype]:9.1f} ms  {ms['float32'] / ms[dtype]:5.2f}x  "
