@@ -60,9 +60,7 @@ def teacher(spec: str, size: int, dtype: str, weights: list | None) -> keras.Mod
     model = models.build(spec, NUM_CLASSES, size, dtype=dtype)
     if weights is not None:
         model.set_weights(weights)
-    if any(isinstance(layer, models.StdConv2D) for layer in model.layers):
-        model = models.fold_weight_standardization(model)
-    return model
+    return models.fold_if_standardized(model)
 
 
 def fit_head(spec: str, size: int, num_train: int, seed: int) -> list:

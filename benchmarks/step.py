@@ -176,10 +176,6 @@ def random_centered_head(model: keras.Model, images: np.ndarray, seed: int) -> N
     head.set_weights([kernel.astype(np.float32), (-mean @ kernel).astype(np.float32)])
 
 
-def has_std_conv(model: keras.Model) -> bool:
-    return any(isinstance(layer, models.StdConv2D) for layer in model.layers)
-
-
 def teacher_for(config: TeacherConfig, spec: str, size: int,
                 weights: list[np.ndarray]) -> keras.Model:
     teacher = models.build(spec, NUM_CLASSES, size,
@@ -513,7 +509,7 @@ def main() -> None:
         random_centered_head(teacher_fp32, head_images(size), seed=1 + i)
         weights.append(teacher_fp32.get_weights())
     student_weights = models.build(work.student, NUM_CLASSES, work.size).get_weights()
-    folding = has_std_conv(teacher_fp32)
+    folding = models.is_weight_standardized(teacher_fp32)
     rng = np.random.default_rng(0)
 
     def random_images(size):

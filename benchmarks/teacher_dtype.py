@@ -51,8 +51,7 @@ def main() -> None:
         model = models.build(args.teacher, 10, args.size,
                              dtype=None if dtype == "float32" else dtype)
         model.set_weights(weights)
-        if any(isinstance(layer, models.StdConv2D) for layer in model.layers):
-            model = models.fold_weight_standardization(model)
+        model = models.fold_if_standardized(model)
         forwards[dtype] = tf.function(
             lambda x, model=model: tf.cast(model(x, training=False), tf.float32))
     logits = {dtype: forward(images).numpy() for dtype, forward in forwards.items()}

@@ -168,8 +168,7 @@ def teachers(config: ml_collections.ConfigDict, num_classes: int, workdir: str,
                 # Explicitly strict: a teacher distils with the head it was trained
                 # with; a zero head would "teach" uniform outputs (10% top-1).
                 models.load_weights(model, spec.weights, head="auto", new_head=False)
-        if any(isinstance(layer, models.StdConv2D) for layer in model.layers):
-            model = models.fold_weight_standardization(model)
+        model = models.fold_if_standardized(model)
         flag = ("--config.teacher_size" if len(specs) == 1 else
                 f"the size of teacher {index} (its 'size' in --config.teachers, or "
                 "its entry of --config.teacher_size)")
