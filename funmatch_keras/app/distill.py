@@ -20,7 +20,7 @@ import keras
 import ml_collections
 
 from funmatch_keras import configs
-from funmatch_keras.app import build, compute_path, workdir_lock
+from funmatch_keras.app import build, compute_path
 from funmatch_keras.app import train_teacher as supervised
 from funmatch_keras.app import workdir as workdirs
 from funmatch_keras.data import pipelines as data
@@ -72,12 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     checkpoint_dir = os.path.join(workdir, workdirs.CHECKPOINTS)
     if not replicas.is_chief:
         workdir = distribute.worker_dir(workdir, replicas.task)
-    # One run per workdir: a second process refuses, naming the holder.
-    with workdir_lock.hold(shared_workdir, enabled=replicas.is_chief):
-        workdirs.prepare(workdir, config, overwrite)
-        # No worker restores before the chief's --overwrite is done. (Today the first
-        # variable creation under MultiWorkerMirroredStrategy also waits for the chief.)
-        replicas.barrier()
+    with workdirs.started(shared_workdir, config, overwrite, replicas, prepared=workdir):
         start = time.time()
         keras.utils.set_random_seed(config.seed)
         if config.deterministic and keras.backend.backend() == "tensorflow":

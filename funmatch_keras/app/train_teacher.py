@@ -25,7 +25,7 @@ import ml_collections
 from absl import logging
 
 from funmatch_keras import configs, models
-from funmatch_keras.app import build, workdir_lock
+from funmatch_keras.app import build
 from funmatch_keras.app import workdir as workdirs
 from funmatch_keras.configs import TeacherSpec
 from funmatch_keras.data import pipelines as data
@@ -227,13 +227,9 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
     configs.validate(config)
     replicas = distribute.replication(strategy)
     distribute.check_batch_size(config.batch_size, replicas.num_replicas)
-    # One run per workdir; only the chief prepares it (other workers write nothing).
-    with workdir_lock.hold(workdir, enabled=replicas.is_chief):
-        if replicas.is_chief:
-            workdirs.prepare(workdir, config, overwrite)
-        # No worker restores before the chief's --overwrite is done. (Today the first
-        # variable creation under MultiWorkerMirroredStrategy also waits for the chief.)
-        replicas.barrier()
+    # Only the chief writes here: the other workers prepare nothing.
+    with workdirs.started(workdir, config, overwrite, replicas,
+                          prepared=workdir if replicas.is_chief else None):
         return _train_teacher(config, workdir, verbose, replicas)
 
 
