@@ -39,13 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -188,6 +188,7 @@ def main() -> None:
     png = args.png or os.path.join(args.workdir or ".", "paper_findings.png")
     jit = (not args.quick) if args.jit is None else args.jit
     start = time.time()
+    print(common.machine_line(), flush=True)
 
     config = configs.load_config("digits")
     overrides = {}
@@ -256,7 +257,7 @@ def main() -> None:
     plot(cells, long, teacher_top1, png)
     result = {
         "benchmark": "paper_findings", "dataset": "digits",
-        "cpu": platform.processor() or platform.machine(), "keras": keras.__version__,
+        "machine": common.machine(), "keras": keras.__version__,
         "date": time.strftime("%Y-%m-%d"), "teacher": config.teacher,
         "student": config.student, "teacher_test_top1": teacher_top1,
         "schedules": {"short": short, "long": long}, "jit_compile": jit,
@@ -269,7 +270,7 @@ def main() -> None:
     with open(os.path.join(workdir, "paper_findings.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {png}; {result['wall_s']:.0f} s in all", flush=True)
-    print(json.dumps(result))
+    common.print_result(result)
 
 
 if __name__ == "__main__":

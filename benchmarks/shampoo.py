@@ -42,9 +42,7 @@ The last line printed is one JSON object with every measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -52,6 +50,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -65,7 +64,7 @@ from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.optim import optimizers as optim
 from funmatch_keras.training import distribute
 from funmatch_keras.training.steplog import TestSetTracker, predict_classes
-from funmatch_keras.tuning import hardware, timing
+from funmatch_keras.tuning import timing
 
 
 class Recorder(TestSetTracker):
@@ -133,8 +132,8 @@ def summary(seconds: list[float], optimizer=None) -> dict:
                    if i + 2 >= start and (i + 2 - start) % every == 0}
     regular = [s for i, s in enumerate(seconds) if i not in special]
     roots = [s for i, s in enumerate(seconds) if i in special]
-    return {"median_ms": round(1e3 * statistics.median(regular), 2),
-            "root_step_median_ms": round(1e3 * statistics.median(roots), 2) if roots else None,
+    return {"median_ms": round(common.median_ms(regular), 2),
+            "root_step_median_ms": round(common.median_ms(roots), 2) if roots else None,
             "mean_ms": round(1e3 * statistics.fmean(seconds), 2), "steps": len(seconds)}
 
 
@@ -146,8 +145,10 @@ def step_overhead(build_step, rounds: int) -> dict:
     seconds = timing.round_robin({name: timing.timed(step) for name, (step, _) in built.items()},
                                  rounds)
     result = {name: summary(seconds[name], built[name][1]) for name in built}
-    result["median_ratio"] = round(result["shampoo"]["median_ms"] / result["adamw"]["median_ms"], 3)
-    result["amortized_ratio"] = round(result["shampoo"]["mean_ms"] / result["adamw"]["mean_ms"], 3)
+    result["median_ratio"] = common.ratio(result["shampoo"]["median_ms"],
+                                          result["adamw"]["median_ms"])
+    result["amortized_ratio"] = common.ratio(result["shampoo"]["mean_ms"],
+                                             result["adamw"]["mean_ms"])
     return result
 
 
@@ -205,9 +206,9 @@ def compare(rows, reference: int, shampoo_epochs: list[int]) -> dict:
         "adamw_epochs": reference, "target_agreement": round(target, 4),
         "target_top1": round(target_top1, 4), "adamw_train_s": round(mean(adamw, "train_s"), 2),
         "shampoo_epochs": best and best["epochs"],
-        "epochs_ratio": best and round(best["epochs"] / reference, 3),
-        "wall_ratio": best and round(best["train_s"] / mean(adamw, "train_s"), 3),
-        "top1_epochs_ratio": best_top1 and round(best_top1["epochs"] / reference, 3),
+        "epochs_ratio": best and common.ratio(best["epochs"], reference),
+        "wall_ratio": best and common.ratio(best["train_s"], mean(adamw, "train_s")),
+        "top1_epochs_ratio": best_top1 and common.ratio(best_top1["epochs"], reference),
         "shampoo": table,
     }
 
@@ -285,13 +286,14 @@ def main() -> None:
     adamw_epochs = sorted(int(e) for e in args.adamw_epochs.split(","))
     shampoo_epochs = sorted(int(e) for e in args.shampoo_epochs.split(","))
     started = time.time()
+    print(common.machine_line(), flush=True)
     if args.overhead_only:
         big = model_overhead(args)
         print(f"  {big['model']} {big['size']} px, batch {big['batch']}, statistics every "
               f"{args.statistics_every}: {big}")
-        print(f"CPU: {hardware.describe()}")
-        print(json.dumps({"step_overhead": big["amortized_ratio"], "overhead_model": big,
-                          "statistics_every": args.statistics_every}))
+        common.print_result({"step_overhead": big["amortized_ratio"], "overhead_model": big,
+                             "statistics_every": args.statistics_every,
+                             "machine": common.machine()})
         return
 
     config = configs.apply_overrides(configs.load_config("digits"),
@@ -360,10 +362,10 @@ def main() -> None:
                      "statistics_every": args.statistics_every,
                      "seeds": args.seeds, "adamw_epochs": adamw_epochs,
                      "shampoo_epochs": shampoo_epochs},
-        "runs": rows, "cpus": os.cpu_count(), "machine": platform.machine(),
+        "runs": rows, "machine": common.machine(),
         "wall_s": round(time.time() - started, 1),
     }
-    print(json.dumps(report))
+    common.print_result(report)
 
 
 if __name__ == "__main__":

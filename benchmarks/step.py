@@ -67,7 +67,6 @@ import dataclasses
 import glob
 import json
 import os
-import statistics
 import tempfile
 import time
 from typing import Callable
@@ -75,6 +74,7 @@ from typing import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -148,7 +148,7 @@ class Variant:
 
     @property
     def ms(self) -> float:
-        return 1e3 * statistics.median(self.seconds)
+        return common.median_ms(self.seconds)
 
 
 # ----------------------------------------------------------------- models
@@ -494,13 +494,12 @@ def main() -> None:
     num_eval = args.eval_images or (128 if workload == "quick" else 64 if comparison else 540)
     start = time.time()
     load_start = os.getloadavg()[0]
-    cpu = hardware.cpu_model()
-    print(f"cpu: {cpu} ({os.cpu_count()} cores)  tf {tf.__version__}  keras "
+    print(common.machine_line(), flush=True)
+    print(f"tf {tf.__version__}  keras "
           f"{keras.__version__}  teacher {work.teacher} at {'+'.join(map(str, work.sizes))} px"
           f" -> student {work.student} at {work.size} px  batch {work.batch}  "
           f"T={args.temperature}", flush=True)
-    print(f"cpu flags: {' '.join(hardware.cpu_flags())}; native bfloat16: "
-          f"{hardware.native_bfloat16()}", flush=True)
+    print(f"native bfloat16: {hardware.native_bfloat16()}", flush=True)
 
     keras.utils.set_random_seed(0)
     weights = []
@@ -663,7 +662,7 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}", flush=True)
 
     result = {
-        "benchmark": "step", "cpu": cpu, "cores": os.cpu_count(),
+        "benchmark": "step", "machine": common.machine(),
         "tensorflow": tf.__version__, "keras": keras.__version__,
         "date": time.strftime("%Y-%m-%d"), "workload": workload, "quick": args.quick,
         "workload_spec": dataclasses.asdict(work),
@@ -699,7 +698,7 @@ def main() -> None:
         "wall_s": round(time.time() - start, 1),
         "results": rows,
     }
-    print(json.dumps(result))
+    common.print_result(result)
 
 
 @dataclasses.dataclass
