@@ -250,9 +250,9 @@ def optimizer(config: ml_collections.ConfigDict, total_steps: int,
 def jit_compile(setting: bool | None = None) -> bool:
     """`setting` if given, else Keras's `jit_compile="auto"` (`tune.default_path`).
 
-    Without XLA on a CPU, where XLA was measured 1.2x faster for BiT at 128 px
-    and 2x slower at 64 px (README Benchmarks): a run that distills long
-    enough times both (`compute_path`).
+    Without XLA on a CPU, where XLA wins or loses with the model and the image
+    size (README, "Distillation step"): a run that distills long enough times
+    both (`compute_path`).
 
     Example:
     >>> jit_compile(False)

@@ -1,13 +1,11 @@
 """Chooses the teacher's compute path (XLA, bfloat16) by timing it, guarded by agreement.
 
-The frozen teacher is most of a distillation step (BiT-R152x2 for a BiT-R50x1
-student: 74% of the FLOPs at 64 px, about 92% with a 384 px ensemble member),
-and whether XLA or a bfloat16 teacher pays depends on the machine and the
-image size: the same step ran 1.2x faster under XLA at 128 px and 2x slower at
-64 px on another CPU. So `teacher_path` times a few steps of each candidate
-`TeacherPath`, after compilation, and keeps the fastest one whose teacher
-predicts what the float32 teacher predicts (top-1 agreement and KL on a few
-hundred images). Logits reach the loss in float32 on every path.
+The frozen teacher is most of a distillation step, and whether XLA or a
+bfloat16 teacher pays depends on the machine and the image size (README,
+"Teacher compute path on the paper's workloads"). So `teacher_path` times a
+few steps of each candidate `TeacherPath`, after compilation, and keeps the
+fastest one whose teacher predicts what the float32 teacher predicts (top-1
+agreement and KL on a few hundred images). Logits reach the loss in float32 on every path.
 
 Example:
 >>> import numpy as np
