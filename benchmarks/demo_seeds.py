@@ -17,7 +17,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 
 from funmatch_keras.app.demo import ROWS, run_demo  # noqa: E402
@@ -120,10 +120,10 @@ def main() -> None:
     summary = summarize(reports)
     print(format_summary(summary, seeds))
     print(f"overrides {overrides or 'none'}; {time.time() - start:.0f} s for {len(seeds)} seeds; "
-          f"CPU: {hardware.describe()}")
+          f"{common.machine_line()}")
     print(reference_literal(summary, seeds, machine()))
-    print(json.dumps({"seeds": seeds, "overrides": overrides, **summary,
-                      "seconds_per_seed": round((time.time() - start) / len(seeds), 1)}))
+    common.print_result({"seeds": seeds, "overrides": overrides, **summary,
+                         "seconds_per_seed": round((time.time() - start) / len(seeds), 1)})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -36,6 +35,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 
 from funmatch_keras import configs, models
@@ -46,7 +46,6 @@ from funmatch_keras.data import pipelines as data
 from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.training import steplog
 from funmatch_keras.training.checkpoint import CheckpointManager  # noqa: E402
-from funmatch_keras.tuning import hardware
 
 STRUCTURES = (2, 6, 100)  # steps per epoch: Flowers102, Pets37, a large dataset
 
@@ -74,11 +73,7 @@ def bare_images_per_s(config, warmup_steps: int) -> float:
     total = config.steps_per_epoch * config.epochs
     distiller.compile(optimizer=build.optimizer(config, total),
                       jit_compile=build.jit_compile(config.jit_compile))
-    ds = data.train_pipeline(  # as `train.run` builds it
-        source, mode=config.mode, batch_size=config.batch_size,
-        student_size=config.student_size, seed=config.seed,
-        shuffle_buffer=min(source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
-        area_range=(config.crop_area_min, 1.0), flip=config.flip)
+    ds = data.train_pipeline(source, **build.pipeline_kwargs(config, source))  # as distill's
     timer = _SteadyStateTimer(warmup_steps)
     distiller.fit(ds, steps_per_epoch=total, epochs=1, verbose=0, callbacks=[timer],
                   shuffle=False)  # as `loop.fit_resumably` calls it
@@ -170,12 +165,11 @@ def main() -> None:
           f"in the background. At the default cadence (every {between_s:.0f} s here) that is "
           f"{save_s / between_s:.2%} of the run in the thread, {blocking_s / between_s:.2%} "
           "in the background.")
-    print(f"CPU: {hardware.describe()}; TF backend, jit_compile={args.jit}, "
-          f"batch {args.batch_size}, "
-          f"{args.size} px.")
-    print(json.dumps({f"ratio_{r['steps_per_epoch']}": r["ratio"] for r in rows}
-                     | {"checkpoint_s": round(save_s, 3),
-                        "checkpoint_blocking_s": round(blocking_s, 3)}))
+    print(f"{common.machine_line()}; TF backend, jit_compile={args.jit}, "
+          f"batch {args.batch_size}, {args.size} px.")
+    common.print_result({f"ratio_{r['steps_per_epoch']}": r["ratio"] for r in rows}
+                        | {"checkpoint_s": round(save_s, 3),
+                           "checkpoint_blocking_s": round(blocking_s, 3)})
 
 
 if __name__ == "__main__":

@@ -18,19 +18,18 @@ The last line printed is a JSON object with every measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from funmatch_keras.models import build, fold_weight_standardization  # noqa: E402
+from funmatch_keras.tuning import timing
 
 
 def images_per_second(model: keras.Model, images: tf.Tensor, repeats: int,
@@ -50,12 +49,9 @@ def images_per_second(model: keras.Model, images: tf.Tensor, repeats: int,
     forward = tf.function(lambda x: model(x, training=False), jit_compile=jit)
     for _ in range(warmup):
         forward(images).numpy()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(images).numpy()  # .numpy() waits for the result
-        seconds.append(time.perf_counter() - start)
-    return int(images.shape[0]) / statistics.median(seconds)
+    call = timing.timed(lambda: forward(images).numpy())  # .numpy() waits for the result
+    seconds = [call() for _ in range(repeats)]
+    return int(images.shape[0]) * 1e3 / common.median_ms(seconds)
 
 
 def main() -> None:
@@ -79,6 +75,7 @@ def main() -> None:
         rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32)
     )
     device = tf.config.list_physical_devices("GPU") or [platform.processor() or "CPU"]
+    print(common.machine_line(), flush=True)
     print(f"device: {device}  tf {tf.__version__}  keras {keras.__version__}  "
           f"batch {args.batch}  size {args.size}  jit {args.jit}")
     print(f"{'model':<12} {'dtype':<15} {'folded':<7} {'images/s':>10}")
@@ -95,9 +92,9 @@ def main() -> None:
                                     images_per_s=round(ips, 3)))
             del model, net
             keras.backend.clear_session()
-    print(json.dumps(dict(benchmark="models", batch=args.batch, size=args.size,
-                          jit=args.jit, repeats=repeats, device=str(device),
-                          results=results)))
+    common.print_result(dict(benchmark="models", batch=args.batch, size=args.size,
+                             jit=args.jit, repeats=repeats, device=str(device),
+                             machine=common.machine(), results=results))
 
 
 if __name__ == "__main__":

@@ -39,13 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -58,31 +58,11 @@ from funmatch_keras.data.sources import digits_source  # noqa: E402
 from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.optim import optimizers as optim
 from funmatch_keras.training import distribute
+from funmatch_keras.training.steplog import TestSetTracker
 
 MODES = ("fixed_teacher", "independent", "consistent", "function_matching")
 LABELS = {"fixed_teacher": "fixed teacher", "independent": "independent noise",
           "consistent": "consistent", "function_matching": "function matching"}
-
-
-class Curve(keras.callbacks.Callback):
-    """Test top-1 and agreement with the teacher every `every` epochs (and the last)."""
-
-    def __init__(self, student, images, labels, teacher_top1, every, epochs):
-        super().__init__()
-        self.student, self.images, self.labels = student, images, labels
-        self.teacher_top1, self.every, self.epochs = teacher_top1, every, epochs
-        self.points: list[dict] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        done = epoch + 1
-        if done % self.every and done != self.epochs:
-            return
-        predictions = predict(self.student, self.images).argmax(-1)
-        self.points.append({
-            "epoch": done, "loss": float((logs or {}).get("loss", np.nan)),
-            "test_top1": float(np.mean(predictions == self.labels)),
-            "agreement": float(np.mean(predictions == self.teacher_top1)),
-        })
 
 
 def predict(model: keras.Model, images: np.ndarray) -> np.ndarray:
@@ -102,19 +82,18 @@ def run_cell(mode: str, epochs: int, config, teacher, train_source, workdir: str
     total = steps * epochs
     keras.utils.set_random_seed(config.seed + 1)  # the same student init in every cell
     student = build.student(config, train_source.num_classes)
-    ds = data.train_pipeline(
-        train_source, mode=mode, batch_size=config.batch_size,
-        student_size=config.student_size, seed=config.seed,
-        shuffle_buffer=train_source.num_examples, area_range=(config.crop_area_min, 1.0),
-        flip=config.flip, teacher_logits=teacher_cache.teacher_logits(
-            train_source, teacher, config.student_size, workdir)
-        if mode == "fixed_teacher" else None)
+    logits = None
+    if mode == "fixed_teacher":
+        logits = teacher_cache.teacher_logits(train_source, teacher, config.student_size,
+                                              workdir)
+    ds = data.train_pipeline(train_source, **build.pipeline_kwargs(
+        config, train_source, mode=mode, teacher_logits=logits))
     distiller = Distiller(teacher, student, temperature=config.temperature)
     distiller.compile(optimizer=optim.adamw(config.lr, config.weight_decay, total,
                                             min(config.warmup_steps, total - 1)),
                       jit_compile=jit)
     test_x, test_y, teacher_test_top1 = eval_sets["test"]
-    curve = Curve(student, test_x, test_y, teacher_test_top1, eval_every, epochs)
+    curve = TestSetTracker(student, test_x, test_y, teacher_test_top1, eval_every, epochs)
     start = time.time()
     history = distiller.fit(ds, steps_per_epoch=steps, epochs=epochs, callbacks=[curve],
                             verbose=0)
@@ -209,6 +188,7 @@ def main() -> None:
     png = args.png or os.path.join(args.workdir or ".", "paper_findings.png")
     jit = (not args.quick) if args.jit is None else args.jit
     start = time.time()
+    print(common.machine_line(), flush=True)
 
     config = configs.load_config("digits")
     overrides = {}
@@ -277,7 +257,7 @@ def main() -> None:
     plot(cells, long, teacher_top1, png)
     result = {
         "benchmark": "paper_findings", "dataset": "digits",
-        "cpu": platform.processor() or platform.machine(), "keras": keras.__version__,
+        "machine": common.machine(), "keras": keras.__version__,
         "date": time.strftime("%Y-%m-%d"), "teacher": config.teacher,
         "student": config.student, "teacher_test_top1": teacher_top1,
         "schedules": {"short": short, "long": long}, "jit_compile": jit,
@@ -290,7 +270,7 @@ def main() -> None:
     with open(os.path.join(workdir, "paper_findings.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {png}; {result['wall_s']:.0f} s in all", flush=True)
-    print(json.dumps(result))
+    common.print_result(result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=512)
     args = parser.parse_args()
     batches, repeats, steps = (4, 3, 3) if args.quick else (16, 5, 8)
+    print(common.machine_line(), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         pattern = write_jpeg_tfrecords(tmp, args.num_images)
@@ -112,15 +113,15 @@ def main() -> None:
     step_rate = statistics.median(step)
     print(f"distill step (R50x1 <- R101x1, {SIZE}px): median {step_rate:.1f} images/s "
           f"over {steps} steps ({[round(r, 1) for r in step]})")
-    ratio = pipeline_rate / step_rate
+    ratio = common.ratio(pipeline_rate, step_rate, digits=2)
     print(f"ratio pipeline/step: {ratio:.2f} (target >= 3)")
-    print(json.dumps({
+    common.print_result({
         "device": tf.config.list_physical_devices("GPU") and "gpu" or "cpu",
-        "cpus": os.cpu_count(), "batch_size": args.batch_size, "image_size": SIZE,
+        "machine": common.machine(), "batch_size": args.batch_size, "image_size": SIZE,
         "pipeline_images_per_s": round(pipeline_rate, 1),
-        "step_images_per_s": round(step_rate, 1), "ratio": round(ratio, 2),
+        "step_images_per_s": round(step_rate, 1), "ratio": ratio,
         "target_met": ratio >= 3.0,
-    }))
+    })
 
 
 if __name__ == "__main__":

@@ -29,13 +29,11 @@ The last line printed is a JSON object with every measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -46,7 +44,7 @@ from funmatch_keras.data import pipelines as data
 from funmatch_keras.data import sources
 from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.optim import optimizers as optim
-from funmatch_keras.tuning import hardware
+from funmatch_keras.tuning import timing
 
 SETTINGS = (  # name, teacher dtype, student dtype
     ("float32", "float32", "float32"),
@@ -60,9 +58,7 @@ def teacher(spec: str, size: int, dtype: str, weights: list | None) -> keras.Mod
     model = models.build(spec, NUM_CLASSES, size, dtype=dtype)
     if weights is not None:
         model.set_weights(weights)
-    if any(isinstance(layer, models.StdConv2D) for layer in model.layers):
-        model = models.fold_weight_standardization(model)
-    return model
+    return models.fold_if_standardized(model)
 
 
 def fit_head(spec: str, size: int, num_train: int, seed: int) -> list:
@@ -122,12 +118,10 @@ def step_images_per_s(args, teacher_dtype: str, student_dtype: str, weights: lis
     out_dtype = str(keras.ops.convert_to_numpy(student(batch[:1])).dtype)
     for _ in range(args.warmup):
         distiller.train_on_batch(batch)
-    seconds = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        distiller.train_on_batch(batch)  # returns numbers: waits for the step
-        seconds.append(time.perf_counter() - start)
-    return args.batch / statistics.median(seconds), out_dtype
+    # train_on_batch returns numbers: it waits for the step.
+    step = timing.timed(lambda: distiller.train_on_batch(batch))
+    seconds = [step() for _ in range(args.repeats)]
+    return args.batch * 1e3 / common.median_ms(seconds), out_dtype
 
 
 def main() -> None:
@@ -152,8 +146,7 @@ def main() -> None:
         args.teacher, args.student, args.size = "bit_r50x1", "cnn:16,32,64", 64
         args.repeats, args.train_images, args.test_images = 3, 256, 200
 
-    flags = hardware.cpu_flags()
-    print(f"cpu: {hardware.describe()}")
+    print(common.machine_line(), flush=True)
     print(f"tf {tf.__version__}  keras {keras.__version__}  teacher {args.teacher} -> "
           f"student {args.student}  size {args.size}  batch {args.batch}  jit {args.jit}")
     weights = fit_head(args.teacher, args.size, args.train_images, args.seed)
@@ -170,16 +163,16 @@ def main() -> None:
               f"{ips / base:>8.2f}x", flush=True)
         results.append(dict(setting=name, teacher_dtype=teacher_dtype,
                             student_dtype=student_dtype, images_per_s=round(ips, 3),
-                            speedup=round(ips / base, 3), student_logits_dtype=out_dtype))
+                            speedup=common.ratio(ips, base), student_logits_dtype=out_dtype))
         keras.backend.clear_session()
     agree = agreement(args.teacher, args.size, weights, args.test_images)
     print(f"teacher top-1 agreement float32 vs bfloat16 on {agree['images']} digits test "
           f"images: {agree['agreement']:.2%} (top-1 {agree['top1_float32']:.2%} vs "
           f"{agree['top1_bfloat16']:.2%}, max logit diff {agree['max_logit_diff']:.3g})")
-    print(json.dumps(dict(benchmark="precision", teacher=args.teacher, student=args.student,
-                          size=args.size, batch=args.batch, repeats=args.repeats,
-                          warmup=args.warmup, jit=args.jit, cpu_flags=flags,
-                          results=results, agreement=agree)))
+    common.print_result(dict(benchmark="precision", teacher=args.teacher, student=args.student,
+                             size=args.size, batch=args.batch, repeats=args.repeats,
+                             warmup=args.warmup, jit=args.jit, machine=common.machine(),
+                             results=results, agreement=agree))
 
 
 if __name__ == "__main__":

@@ -42,9 +42,7 @@ The last line printed is one JSON object with every measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -52,6 +50,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -64,34 +63,22 @@ from funmatch_keras.data.sources import digits_source  # noqa: E402
 from funmatch_keras.distiller import Distiller  # noqa: E402
 from funmatch_keras.optim import optimizers as optim
 from funmatch_keras.training import distribute
-from funmatch_keras.tuning import hardware
+from funmatch_keras.training.steplog import TestSetTracker, predict_classes
+from funmatch_keras.tuning import timing
 
 
-class Recorder(keras.callbacks.Callback):
+class Recorder(TestSetTracker):
     """Step times, and test top-1 / agreement with the teacher after each epoch."""
 
     def __init__(self, student, images, labels, teacher_predictions):
-        super().__init__()
-        self.student, self.images, self.labels = student, images, labels
-        self.teacher_predictions = teacher_predictions
+        super().__init__(student, images, labels, teacher_predictions)
         self.seconds: list[float] = []
-        self.top1: list[float] = []
-        self.agreement: list[float] = []
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
-
-    def on_epoch_end(self, epoch, logs=None):
-        predicted = predict_classes(self.student, self.images)
-        self.top1.append(float(np.mean(predicted == self.labels)))
-        self.agreement.append(float(np.mean(predicted == self.teacher_predictions)))
-
-
-def predict_classes(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(images, batch_size=256, verbose=0)).argmax(-1)
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float, total_steps: int,
@@ -107,11 +94,8 @@ def make_optimizer(name: str, lr: float, weight_decay: float, total_steps: int,
 
 def train_data(config, seed: int, epochs: int | None):
     train_source = digits_source("train")
-    return data.train_pipeline(
-        train_source, mode="function_matching", batch_size=config.batch_size,
-        student_size=config.student_size, seed=seed, epochs=epochs,
-        shuffle_buffer=train_source.num_examples, area_range=(config.crop_area_min, 1.0),
-        flip=config.flip)
+    return data.train_pipeline(train_source, **build.pipeline_kwargs(
+        config, train_source, mode="function_matching", seed=seed, epochs=epochs))
 
 
 def distill(name: str, epochs: int, seed: int, initial: list, teacher, config, test, args):
@@ -136,20 +120,6 @@ def distill(name: str, epochs: int, seed: int, initial: list, teacher, config, t
     return row
 
 
-def round_robin(steps: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds of each `steps[name]()` call, alternating names (reversed every round)."""
-    for step in steps.values():
-        step()  # trace and compile
-    seconds = {name: [] for name in steps}
-    order = list(steps)
-    for r in range(rounds):
-        for name in order if r % 2 == 0 else reversed(order):
-            start = time.perf_counter()
-            steps[name]()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
 def summary(seconds: list[float], optimizer=None) -> dict:
     """Median step, median root-recomputing step (Shampoo), mean step, in ms.
 
@@ -162,18 +132,23 @@ def summary(seconds: list[float], optimizer=None) -> dict:
                    if i + 2 >= start and (i + 2 - start) % every == 0}
     regular = [s for i, s in enumerate(seconds) if i not in special]
     roots = [s for i, s in enumerate(seconds) if i in special]
-    return {"median_ms": round(1e3 * statistics.median(regular), 2),
-            "root_step_median_ms": round(1e3 * statistics.median(roots), 2) if roots else None,
+    return {"median_ms": round(common.median_ms(regular), 2),
+            "root_step_median_ms": round(common.median_ms(roots), 2) if roots else None,
             "mean_ms": round(1e3 * statistics.fmean(seconds), 2), "steps": len(seconds)}
 
 
 def step_overhead(build_step, rounds: int) -> dict:
     """Round-robin step times of AdamW and Shampoo; `build_step(name)` → (step, optimizer)."""
     built = {name: build_step(name) for name in ("adamw", "shampoo")}
-    seconds = round_robin({name: step for name, (step, _) in built.items()}, rounds)
+    for step, _ in built.values():
+        step()  # trace and compile
+    seconds = timing.round_robin({name: timing.timed(step) for name, (step, _) in built.items()},
+                                 rounds)
     result = {name: summary(seconds[name], built[name][1]) for name in built}
-    result["median_ratio"] = round(result["shampoo"]["median_ms"] / result["adamw"]["median_ms"], 3)
-    result["amortized_ratio"] = round(result["shampoo"]["mean_ms"] / result["adamw"]["mean_ms"], 3)
+    result["median_ratio"] = common.ratio(result["shampoo"]["median_ms"],
+                                          result["adamw"]["median_ms"])
+    result["amortized_ratio"] = common.ratio(result["shampoo"]["mean_ms"],
+                                             result["adamw"]["mean_ms"])
     return result
 
 
@@ -231,9 +206,9 @@ def compare(rows, reference: int, shampoo_epochs: list[int]) -> dict:
         "adamw_epochs": reference, "target_agreement": round(target, 4),
         "target_top1": round(target_top1, 4), "adamw_train_s": round(mean(adamw, "train_s"), 2),
         "shampoo_epochs": best and best["epochs"],
-        "epochs_ratio": best and round(best["epochs"] / reference, 3),
-        "wall_ratio": best and round(best["train_s"] / mean(adamw, "train_s"), 3),
-        "top1_epochs_ratio": best_top1 and round(best_top1["epochs"] / reference, 3),
+        "epochs_ratio": best and common.ratio(best["epochs"], reference),
+        "wall_ratio": best and common.ratio(best["train_s"], mean(adamw, "train_s")),
+        "top1_epochs_ratio": best_top1 and common.ratio(best_top1["epochs"], reference),
         "shampoo": table,
     }
 
@@ -311,13 +286,14 @@ def main() -> None:
     adamw_epochs = sorted(int(e) for e in args.adamw_epochs.split(","))
     shampoo_epochs = sorted(int(e) for e in args.shampoo_epochs.split(","))
     started = time.time()
+    print(common.machine_line(), flush=True)
     if args.overhead_only:
         big = model_overhead(args)
         print(f"  {big['model']} {big['size']} px, batch {big['batch']}, statistics every "
               f"{args.statistics_every}: {big}")
-        print(f"CPU: {hardware.describe()}")
-        print(json.dumps({"step_overhead": big["amortized_ratio"], "overhead_model": big,
-                          "statistics_every": args.statistics_every}))
+        common.print_result({"step_overhead": big["amortized_ratio"], "overhead_model": big,
+                             "statistics_every": args.statistics_every,
+                             "machine": common.machine()})
         return
 
     config = configs.apply_overrides(configs.load_config("digits"),
@@ -386,10 +362,10 @@ def main() -> None:
                      "statistics_every": args.statistics_every,
                      "seeds": args.seeds, "adamw_epochs": adamw_epochs,
                      "shampoo_epochs": shampoo_epochs},
-        "runs": rows, "cpus": os.cpu_count(), "machine": platform.machine(),
+        "runs": rows, "machine": common.machine(),
         "wall_s": round(time.time() - started, 1),
     }
-    print(json.dumps(report))
+    common.print_result(report)
 
 
 if __name__ == "__main__":

@@ -66,9 +66,7 @@ import argparse
 import dataclasses
 import glob
 import json
-import math
 import os
-import statistics
 import tempfile
 import time
 from typing import Callable
@@ -76,6 +74,7 @@ from typing import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -85,7 +84,7 @@ from funmatch_keras import models  # noqa: E402
 from funmatch_keras.data import pipelines as data
 from funmatch_keras.data.sources import digits_source  # noqa: E402
 from funmatch_keras.optim import optimizers as optim
-from funmatch_keras.tuning import hardware
+from funmatch_keras.tuning import hardware, timing
 
 NUM_CLASSES = 10  # digits, for the agreement check
 AGREEMENT_TARGET = 0.995
@@ -149,7 +148,7 @@ class Variant:
 
     @property
     def ms(self) -> float:
-        return 1e3 * statistics.median(self.seconds)
+        return common.median_ms(self.seconds)
 
 
 # ----------------------------------------------------------------- models
@@ -175,10 +174,6 @@ def random_centered_head(model: keras.Model, images: np.ndarray, seed: int) -> N
     projection = rng.normal(0.0, 1.0, (values.shape[1], NUM_CLASSES)) / np.sqrt(values.shape[1])
     kernel = projection / std[:, None]
     head.set_weights([kernel.astype(np.float32), (-mean @ kernel).astype(np.float32)])
-
-
-def has_std_conv(model: keras.Model) -> bool:
-    return any(isinstance(layer, models.StdConv2D) for layer in model.layers)
 
 
 def teacher_for(config: TeacherConfig, spec: str, size: int,
@@ -499,13 +494,12 @@ def main() -> None:
     num_eval = args.eval_images or (128 if workload == "quick" else 64 if comparison else 540)
     start = time.time()
     load_start = os.getloadavg()[0]
-    cpu = hardware.cpu_model()
-    print(f"cpu: {cpu} ({os.cpu_count()} cores)  tf {tf.__version__}  keras "
+    print(common.machine_line(), flush=True)
+    print(f"tf {tf.__version__}  keras "
           f"{keras.__version__}  teacher {work.teacher} at {'+'.join(map(str, work.sizes))} px"
           f" -> student {work.student} at {work.size} px  batch {work.batch}  "
           f"T={args.temperature}", flush=True)
-    print(f"cpu flags: {' '.join(hardware.cpu_flags())}; native bfloat16: "
-          f"{hardware.native_bfloat16()}", flush=True)
+    print(f"native bfloat16: {hardware.native_bfloat16()}", flush=True)
 
     keras.utils.set_random_seed(0)
     weights = []
@@ -514,7 +508,7 @@ def main() -> None:
         random_centered_head(teacher_fp32, head_images(size), seed=1 + i)
         weights.append(teacher_fp32.get_weights())
     student_weights = models.build(work.student, NUM_CLASSES, work.size).get_weights()
-    folding = has_std_conv(teacher_fp32)
+    folding = models.is_weight_standardized(teacher_fp32)
     rng = np.random.default_rng(0)
 
     def random_images(size):
@@ -557,19 +551,13 @@ def main() -> None:
           f"+ student train step {(flops_step - flops_teacher) / 1e9:.2f} G", flush=True)
 
     for v in variants:  # trace / compile, then one untimed warm call
-        t0 = time.perf_counter()
-        v.run()
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        v.run()
-        v.burst = max(1, math.ceil(0.1 / (time.perf_counter() - t0)))
+        first = timing.timed(v.run)()
+        v.burst = timing.burst_size(timing.timed(v.run)())
         print(f"  ready {v.name:<28} first call {first:6.1f} s", flush=True)
-    for r in range(repeats):  # round-robin, alternating order: load hits all alike
-        for v in variants if r % 2 == 0 else variants[::-1]:
-            t0 = time.perf_counter()
-            for _ in range(v.burst):
-                v.run()
-            v.seconds.append((time.perf_counter() - t0) / v.burst)
+    seconds = timing.round_robin({i: timing.timed(v.run, v.burst)
+                                  for i, v in enumerate(variants)}, repeats)
+    for i, v in enumerate(variants):
+        v.seconds += seconds[i]
 
     # ---- agreement of each teacher configuration with the float32 one
     # (of the first teacher, at its size; the others differ only in their size)
@@ -637,7 +625,9 @@ def main() -> None:
         rows.append(row)
     _print_table(rows)
 
-    def valid(row):  # on the label-trained teacher where there is one (issue 13's guard)
+    # Judged on the label-trained teacher where there is one: a random head's margins
+    # are so small that any rounding flips its top-1.
+    def valid(row):
         agreement = row["trained_teacher_agreement"] if trained else row["teacher_agreement"]
         ok = agreement is not None and agreement >= AGREEMENT_TARGET
         if "student_bf16_agreement" in row:
@@ -674,7 +664,7 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}", flush=True)
 
     result = {
-        "benchmark": "step", "cpu": cpu, "cores": os.cpu_count(),
+        "benchmark": "step", "machine": common.machine(),
         "tensorflow": tf.__version__, "keras": keras.__version__,
         "date": time.strftime("%Y-%m-%d"), "workload": workload, "quick": args.quick,
         "workload_spec": dataclasses.asdict(work),
@@ -710,7 +700,7 @@ def main() -> None:
         "wall_s": round(time.time() - start, 1),
         "results": rows,
     }
-    print(json.dumps(result))
+    common.print_result(result)
 
 
 @dataclasses.dataclass

@@ -17,19 +17,17 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import common  # noqa: E402  (benchmarks/common.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from funmatch_keras import models  # noqa: E402
-from funmatch_keras.tuning import hardware
+from funmatch_keras.tuning import timing
 
 DTYPES = ("float32", "mixed_bfloat16", "bfloat16")
 
@@ -41,7 +39,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    print(f"cpu: {hardware.cpu_model()}; flags {' '.join(hardware.cpu_flags())}", flush=True)
+    print(common.machine_line(), flush=True)
     keras.utils.set_random_seed(0)
     weights = models.build(args.teacher, 10, args.size).get_weights()
     weights[-2] = np.random.default_rng(1).normal(0, 0.05, weights[-2].shape)  # the head
@@ -52,28 +50,24 @@ def main() -> None:
         model = models.build(args.teacher, 10, args.size,
                              dtype=None if dtype == "float32" else dtype)
         model.set_weights(weights)
-        if any(isinstance(layer, models.StdConv2D) for layer in model.layers):
-            model = models.fold_weight_standardization(model)
+        model = models.fold_if_standardized(model)
         forwards[dtype] = tf.function(
             lambda x, model=model: tf.cast(model(x, training=False), tf.float32))
     logits = {dtype: forward(images).numpy() for dtype, forward in forwards.items()}
-    seconds: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
-    for r in range(args.rounds):  # round-robin, alternating order
-        for dtype in DTYPES if r % 2 == 0 else DTYPES[::-1]:
-            start = time.perf_counter()
-            forwards[dtype](images).numpy()
-            seconds[dtype].append(time.perf_counter() - start)
-    ms = {dtype: 1e3 * statistics.median(seconds[dtype]) for dtype in DTYPES}
+    seconds = timing.round_robin(
+        {dtype: timing.timed(lambda f=forward: f(images).numpy())
+         for dtype, forward in forwards.items()}, args.rounds)
+    ms = {dtype: common.median_ms(seconds[dtype]) for dtype in DTYPES}
     for dtype in DTYPES:
         print(f"{dtype:<16}{ms[dtype]:9.1f} ms  {ms['float32'] / ms[dtype]:5.2f}x  "
               f"max|dlogit| {np.abs(logits[dtype] - logits['float32']).max():.3g}")
-    print(json.dumps({
+    common.print_result({
         "benchmark": "teacher_dtype", "teacher": args.teacher, "size": args.size,
-        "batch": args.batch, "rounds": args.rounds, "cpu_flags": hardware.cpu_flags(),
+        "batch": args.batch, "rounds": args.rounds, "machine": common.machine(),
         "ms": {k: round(v, 1) for k, v in ms.items()},
-        "speedup_vs_float32": {k: round(ms["float32"] / v, 3) for k, v in ms.items()},
+        "speedup_vs_float32": {k: common.ratio(ms["float32"], v) for k, v in ms.items()},
         "max_abs_logit_diff": {k: float(np.abs(v - logits["float32"]).max())
-                               for k, v in logits.items()}}))
+                               for k, v in logits.items()}})
 
 
 if __name__ == "__main__":

@@ -131,10 +131,12 @@ def test_shampoo_benchmark_overhead_only(tmp_path):
     assert (steps["model"], steps["size"], steps["batch"]) == ("cnn:8,16", 16, 4)
 
 
-def test_shampoo_benchmark_plot(tmp_path):
+def test_shampoo_benchmark_plot(tmp_path, monkeypatch):
     import importlib.util
 
     import numpy as np
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # its `import common`
 
     spec = importlib.util.spec_from_file_location(
         "shampoo_benchmark", os.path.join(ROOT, "benchmarks", "shampoo.py"))
@@ -160,11 +162,12 @@ def test_loop_benchmark_quick(tmp_path):
     assert report["checkpoint_blocking_s"] > 0
 
 
-def test_demo_seeds_summary_and_reference_literal():
+def test_demo_seeds_summary_and_reference_literal(monkeypatch):
     """demo_seeds.py's mean ± std and gaps, and the REFERENCE it prints for demo.py."""
     import ast
     import importlib.util
 
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # its `import common`
     spec = importlib.util.spec_from_file_location(
         "demo_seeds", os.path.join(ROOT, "benchmarks", "demo_seeds.py"))
     demo_seeds = importlib.util.module_from_spec(spec)

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import keras
 import ml_collections
@@ -167,14 +168,60 @@ def teachers(config: ml_collections.ConfigDict, num_classes: int, workdir: str,
                 # Explicitly strict: a teacher distils with the head it was trained
                 # with; a zero head would "teach" uniform outputs (10% top-1).
                 models.load_weights(model, spec.weights, head="auto", new_head=False)
-        if any(isinstance(layer, models.StdConv2D) for layer in model.layers):
-            model = models.fold_weight_standardization(model)
+        model = models.fold_if_standardized(model)
         flag = ("--config.teacher_size" if len(specs) == 1 else
                 f"the size of teacher {index} (its 'size' in --config.teachers, or "
                 "its entry of --config.teacher_size)")
         models.check_teacher(model, spec.size, name=origin, size_flag=flag)
         built.append(model)
     return built
+
+
+def pipeline_kwargs(config: ml_collections.ConfigDict, train_source: sources.Source,
+                    **overrides: Any) -> dict[str, Any]:
+    """The `data.train_pipeline` arguments of `config`, as `funmatch distill` passes them.
+
+    `overrides` replace or add arguments: the resumed `start_step`, cached
+    `teacher_logits`, or a label training's mode, size, seed and crops.
+
+    Example:
+    >>> config = configs.load_config("digits")
+    >>> kwargs = pipeline_kwargs(config, source(config, "train"), start_step=3)
+    >>> kwargs["mode"], kwargs["student_size"], kwargs["shuffle_buffer"], kwargs["start_step"]
+    ('function_matching', 16, 1257, 3)
+    """
+    return {
+        "mode": config.mode, "batch_size": config.batch_size,
+        "student_size": config.student_size, "teacher_size": configs.teacher_sizes(config),
+        "seed": config.seed,
+        "shuffle_buffer": min(train_source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
+        "area_range": (config.crop_area_min, 1.0), "flip": config.flip,
+        **overrides,
+    }
+
+
+def train_datasets(config: ml_collections.ConfigDict, train_source: sources.Source, replicas,
+                   verbose: int = 0, **overrides: Any) -> Callable[[int], Any]:
+    """`make_dataset(step)` for `loop.fit_with_checkpoints`: `pipeline_kwargs`, replicated.
+
+    Each input pipeline of `replicas` (a `distribute.Replication`) reads its
+    own shard of `train_source`; with `verbose`, it says which.
+    """
+    def make_dataset(step: int):
+        def pipeline(input_context):
+            if input_context is not None and verbose:
+                n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+                part = train_source.shard(n, i)
+                print(f"Input pipeline {i + 1} of {n} reads {part.name}: "
+                      f"{part.num_examples} examples.", flush=True)
+            return data.train_pipeline(
+                train_source, **pipeline_kwargs(config, train_source, **overrides),
+                start_step=step, num_replicas=replicas.num_replicas,
+                input_context=input_context)
+
+        return replicas.train_dataset(pipeline)
+
+    return make_dataset
 
 
 def optimizer(config: ml_collections.ConfigDict, total_steps: int,
@@ -203,9 +250,9 @@ def optimizer(config: ml_collections.ConfigDict, total_steps: int,
 def jit_compile(setting: bool | None = None) -> bool:
     """`setting` if given, else Keras's `jit_compile="auto"` (`tune.default_path`).
 
-    Without XLA on a CPU, where XLA was measured 1.2x faster for BiT at 128 px
-    and 2x slower at 64 px (README Benchmarks): a run that distills long
-    enough times both (`compute_path`).
+    Without XLA on a CPU, where XLA wins or loses with the model and the image
+    size (README, "Distillation step"): a run that distills long enough times
+    both (`compute_path`).
 
     Example:
     >>> jit_compile(False)

@@ -37,7 +37,7 @@ from funmatch_keras.tuning import tune
 PATH_FILE = workdirs.TEACHER_PATH_FILE
 TIMED_STEPS = 3  # per candidate, after one untimed step that compiles
 # What a compilation costs, in steps, as a floor: about 3 for BiT-R152x2 at 128 px,
-# about 170 for the demo's small CNNs (whose runs, of 1,140 steps, are not tuned).
+# about 170 for the demo's small CNNs (whose runs, of 1,520 steps, are not tuned).
 COMPILE_STEPS = 20
 # Tuning pays once the default path and one alternative fit in the budget: the
 # candidates are ordered cheapest compilation first, and the tuner's own budget

@@ -29,6 +29,7 @@ from funmatch_keras.data import pipelines as data
 from funmatch_keras.data.sources import digits_source
 from funmatch_keras.distiller import Distiller
 from funmatch_keras.training import distribute, loop, steplog
+from funmatch_keras.training.steplog import TestSetTracker, predict_classes
 
 DISTILL_CHECKPOINTS = "checkpoints"
 BASELINE_CHECKPOINTS = "baseline_checkpoints"
@@ -48,30 +49,6 @@ REFERENCE = {
                   "distilled student": (0.98765, 0.00855)},
     "gap": (0.01358, 0.00926),
 }
-
-
-class TestSetTracker(keras.callbacks.Callback):
-    """Records test top-1 and agreement with the teacher after every epoch."""
-
-    def __init__(self, student: keras.Model, images: np.ndarray, labels: np.ndarray,
-                 teacher_predictions: np.ndarray):
-        super().__init__()
-        self.student, self.images, self.labels = student, images, labels
-        self.teacher_predictions = teacher_predictions
-        self.top1: list[float] = []
-        self.agreement: list[float] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        predictions = predict_classes(self.student, self.images)
-        self.top1.append(float(np.mean(predictions == self.labels)))
-        self.agreement.append(float(np.mean(predictions == self.teacher_predictions)))
-
-
-def predict_classes(model: keras.Model | list[keras.Model], images: np.ndarray) -> np.ndarray:
-    """Top-1 classes of a model, or of an ensemble (a list: logits averaged, as distilled)."""
-    models = model if isinstance(model, (list, tuple)) else [model]
-    logits = [np.asarray(m.predict(images, batch_size=256, verbose=0)) for m in models]
-    return np.mean(logits, axis=0).argmax(-1)
 
 
 def run_demo(workdir: str, verbose: int = 1, **overrides) -> dict:
@@ -132,10 +109,8 @@ def _run_demo(workdir: str, verbose: int, **overrides) -> dict:
     distilled_curve = TestSetTracker(student, test_images, test_labels, teacher_predictions)
 
     def distill_data(step):
-        return data.train_pipeline(
-            train_source, mode="function_matching", batch_size=batch_size, student_size=size,
-            seed=config.seed, shuffle_buffer=train_source.num_examples,
-            area_range=area_range, flip=config.flip, start_step=step)
+        return data.train_pipeline(train_source, **build.pipeline_kwargs(
+            config, train_source, mode="function_matching", start_step=step))
 
     loop.fit_with_checkpoints(
         distiller, distill_data, checkpoint_dir=os.path.join(workdir, DISTILL_CHECKPOINTS),

@@ -20,7 +20,7 @@ import keras
 import ml_collections
 
 from funmatch_keras import configs
-from funmatch_keras.app import build, compute_path, workdir_lock
+from funmatch_keras.app import build, compute_path
 from funmatch_keras.app import teacher_store as teacher_store_run
 from funmatch_keras.app import train_teacher as supervised
 from funmatch_keras.app import workdir as workdirs
@@ -73,12 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     checkpoint_dir = os.path.join(workdir, workdirs.CHECKPOINTS)
     if not replicas.is_chief:
         workdir = distribute.worker_dir(workdir, replicas.task)
-    # One run per workdir: a second process refuses, naming the holder.
-    with workdir_lock.hold(shared_workdir, enabled=replicas.is_chief):
-        workdirs.prepare(workdir, config, overwrite)
-        # No worker restores before the chief's --overwrite is done. (Today the first
-        # variable creation under MultiWorkerMirroredStrategy also waits for the chief.)
-        replicas.barrier()
+    with workdirs.started(shared_workdir, config, overwrite, replicas, prepared=workdir):
         start = time.time()
         keras.utils.set_random_seed(config.seed)
         if config.deterministic and keras.backend.backend() == "tensorflow":
@@ -125,23 +120,8 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose, start, train_source
         fixed_logits = teacher_cache.teacher_logits(train_source, teachers[0], teacher_size,
                                                     workdir)
 
-    def make_dataset(step: int):
-        def pipeline(input_context):
-            if input_context is not None and verbose:
-                n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
-                part = train_source.shard(n, i)
-                print(f"Input pipeline {i + 1} of {n} reads {part.name}: "
-                      f"{part.num_examples} examples.", flush=True)
-            return data.train_pipeline(
-                train_source, mode=config.mode, batch_size=config.batch_size,
-                student_size=config.student_size, teacher_size=teacher_size,
-                seed=config.seed,
-                shuffle_buffer=min(train_source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
-                teacher_logits=fixed_logits, start_step=step,
-                area_range=(config.crop_area_min, 1.0), flip=config.flip,
-                num_replicas=replicas.num_replicas, input_context=input_context)
-
-        return replicas.train_dataset(pipeline)
+    make_dataset = build.train_datasets(config, train_source, replicas, verbose,
+                                        teacher_logits=fixed_logits)
 
     done_steps = (os.path.isdir(checkpoint_dir)
                   and CheckpointManager(checkpoint_dir, clean_temp=False).all_steps())

@@ -190,14 +190,10 @@ def fill_for_config(config: Any, directory: str, steps: str | None = None,
 
     store, distiller, _ = for_config(config, distiller, source, num_classes,
                                      choose=default_path, directory=directory)
-    teacher_size = configs.teacher_sizes(config)
 
-    def make_dataset(step):
-        return data.train_pipeline(
-            source, mode=config.mode, batch_size=config.batch_size,
-            student_size=config.student_size, teacher_size=teacher_size, seed=config.seed,
-            shuffle_buffer=min(source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
-            start_step=step, area_range=(config.crop_area_min, 1.0), flip=config.flip)
+    def make_dataset(step):  # the very batches `funmatch distill` feeds
+        return data.train_pipeline(source, **build.pipeline_kwargs(config, source,
+                                                                  start_step=step))
 
     teacher = teacher_function(distiller, jit_compile=_path_of(store).teacher_numerics[1])
     log = (lambda line: print(line, flush=True)) if verbose else None

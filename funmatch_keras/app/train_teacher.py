@@ -25,7 +25,7 @@ import ml_collections
 from absl import logging
 
 from funmatch_keras import configs, models
-from funmatch_keras.app import build, workdir_lock
+from funmatch_keras.app import build
 from funmatch_keras.app import workdir as workdirs
 from funmatch_keras.configs import TeacherSpec
 from funmatch_keras.data import pipelines as data
@@ -108,15 +108,10 @@ def fit_with_labels(
         total_steps=cadence.total_steps, validation_data=validation_data,
         eval_every_steps=max(1, cadence.total_steps // evaluations), verbose=log_verbose)
 
-    def make_dataset(step: int):
-        def pipeline(input_context):
-            return data.train_pipeline(
-                source, mode="consistent", batch_size=config.batch_size, student_size=size,
-                seed=seed, shuffle_buffer=min(source.num_examples, data.DEFAULT_SHUFFLE_BUFFER),
-                area_range=area_range, flip=config.flip, with_labels=True, start_step=step,
-                num_replicas=replicas.num_replicas, input_context=input_context)
-
-        return replicas.train_dataset(pipeline)
+    # Labelled crops of the teacher's size, as consistent views (no teacher to match).
+    make_dataset = build.train_datasets(
+        config, source, replicas, mode="consistent", student_size=size, teacher_size=None,
+        seed=seed, area_range=area_range, with_labels=True)
 
     loop.fit_with_checkpoints(
         model, make_dataset, checkpoint_dir=checkpoint_dir,
@@ -232,13 +227,9 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, verbose: int 
     configs.validate(config)
     replicas = distribute.replication(strategy)
     distribute.check_batch_size(config.batch_size, replicas.num_replicas)
-    # One run per workdir; only the chief prepares it (other workers write nothing).
-    with workdir_lock.hold(workdir, enabled=replicas.is_chief):
-        if replicas.is_chief:
-            workdirs.prepare(workdir, config, overwrite)
-        # No worker restores before the chief's --overwrite is done. (Today the first
-        # variable creation under MultiWorkerMirroredStrategy also waits for the chief.)
-        replicas.barrier()
+    # Only the chief writes here: the other workers prepare nothing.
+    with workdirs.started(workdir, config, overwrite, replicas,
+                          prepared=workdir if replicas.is_chief else None):
         return _train_teacher(config, workdir, verbose, replicas)
 
 

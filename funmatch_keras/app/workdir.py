@@ -18,17 +18,19 @@ Every file is written atomically (`funmatch_keras.atomic`).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import tempfile
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import keras
 import ml_collections
 
 from funmatch_keras import atomic, configs
+from funmatch_keras.app import workdir_lock
 from funmatch_keras.models import save_keras_file
 from funmatch_keras.training.steplog import read_metrics  # noqa: F401  (part of the layout API)
 
@@ -70,6 +72,25 @@ RUN_ENTRIES = (CHECKPOINTS, TEACHER_PATH_FILE, "teacher*.keras", "teacher*_check
                "report.png", CONFIG_FILE)  # config.json last: a crash mid-way still refuses
                # another config
 REPLACED_PREFIX = ".replaced-"
+
+
+@contextlib.contextmanager
+def started(workdir: str, config: ml_collections.ConfigDict, overwrite: bool, replicas,
+            prepared: str | None) -> Iterator[None]:
+    """A run's start in `workdir`, for a `with` block that holds the whole run.
+
+    The chief holds the workdir's lock (one run per workdir: a second process
+    refuses, naming the holder), each process `prepare`s the directory
+    `prepared` it writes to (`workdir` for the chief, or a worker's own; None:
+    none), and then every worker of `replicas` (a `distribute.Replication`)
+    waits for all, so that none restores a checkpoint the chief's `overwrite`
+    is about to move aside.
+    """
+    with workdir_lock.hold(workdir, enabled=replicas.is_chief):
+        if prepared is not None:
+            prepare(prepared, config, overwrite)
+        replicas.barrier()
+        yield
 
 
 def prepare(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:

@@ -15,7 +15,9 @@ from funmatch_keras.models.bit import (
     bit_r152x2,
     bit_r152x4,
     bit_resnet,
+    fold_if_standardized,
     fold_weight_standardization,
+    is_weight_standardized,
 )
 from funmatch_keras.models.bit_weights import load_bit_npz, load_timm_bit, save_bit_npz
 from funmatch_keras.models.checks import check_teacher
@@ -34,8 +36,10 @@ __all__ = [
     "bit_resnet",
     "build",
     "check_teacher",
+    "fold_if_standardized",
     "fold_weight_standardization",
     "hub",
+    "is_weight_standardized",
     "list_models",
     "load_bit_npz",
     "load_keras_file",

@@ -282,3 +282,21 @@ def fold_weight_standardization(model: keras.Model) -> keras.Model:
             weights[0] = ops.convert_to_numpy(standardize_kernel(kernel, layer.epsilon))
         folded.get_layer(layer.name).set_weights(weights)
     return folded
+
+
+def is_weight_standardized(model: keras.Model) -> bool:
+    """Whether `model` has a `StdConv2D` layer (a BiT model), which folding speeds up."""
+    return any(isinstance(layer, StdConv2D) for layer in model.layers)
+
+
+def fold_if_standardized(model: keras.Model) -> keras.Model:
+    """`fold_weight_standardization(model)` for a BiT model; any other, unchanged.
+
+    How a frozen teacher is computed (`build.teachers`, the benchmarks).
+
+    Example:
+    >>> cnn = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3)])
+    >>> fold_if_standardized(cnn) is cnn
+    True
+    """
+    return fold_weight_standardization(model) if is_weight_standardized(model) else model

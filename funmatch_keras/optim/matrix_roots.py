@@ -8,14 +8,11 @@ noise into its null space by `e^(-1/4)`.
 
 Methods: `"eigh"` (eigendecomposition, `keras.ops.eigh`) or
 `"newton"` (the coupled Newton iteration, matmuls only, Higham 2008, eq. 7.18).
-Measured on this project's shared 2-core AVX2 CPU, 16 blocks of 128×128 with
-condition number 1e4 (README, Shampoo): TensorFlow graph: eigh 31-43 ms,
-Newton ~265 ms; TensorFlow XLA: eigh 1.4-1.5 s (XLA's CPU eigh is a Jacobi
-solver), Newton 65-97 ms; float32 error vs float64 3.5e-5 (eigh, graph),
-1.6e-4 (eigh, XLA), 5.4e-5 (Newton). `"auto"` (the default) therefore uses
-Newton inside a TensorFlow XLA compilation and eigh everywhere else. (JAX's
-CPU eigh calls LAPACK; it took 25 ms on a quiet machine and up to seconds
-under load, Newton 85-210 ms: pass `"newton"` there if your CPUs are shared.)
+`"auto"` (the default) uses Newton inside a TensorFlow XLA compilation, whose
+CPU eigh is a Jacobi solver many times slower than Newton, and eigh everywhere
+else, where it is the faster and the more accurate. JAX's CPU eigh calls
+LAPACK, which slows down badly when other processes share the cores: pass
+`"newton"` there if yours are shared.
 """
 
 from __future__ import annotations
@@ -25,6 +22,8 @@ import math
 import keras
 from keras import ops
 
+# The timings and float32 errors behind "auto": README, Shampoo, "Inverse roots"
+# (16 blocks of 128×128, condition number 1e4).
 ROOT_METHODS = ("auto", "eigh", "newton")
 # The coupled Newton iteration stops when max|M − I| is below this (float32
 # reaches ~2e-7 on 128×128 blocks) or after this many iterations (~20 suffice

@@ -39,13 +39,8 @@ def warmup_cosine(lr: float, total_steps: int, warmup_steps: int):
     )
 
 
-def adamw(
-    lr: float,
-    weight_decay: float,
-    total_steps: int,
-    warmup_steps: int = 0,
-    clipnorm: float | None = 1.0,
-) -> keras.optimizers.AdamW:
+def adamw(lr: float, weight_decay: float, total_steps: int, warmup_steps: int = 0,
+          clipnorm: float | None = 1.0) -> keras.optimizers.AdamW:
     """Adam + decoupled weight decay with the paper's semantics, as a Keras `AdamW`.
 
     The update is `Δw = −s(t)·(lr·adam_direction + wd·w)`: the decay is scaled
@@ -69,27 +64,12 @@ def adamw(
     >>> round(opt.weight_decay, 6)
     0.001
     """
-    if lr <= 0:
-        raise ValueError(f"`lr` must be > 0. Received: lr={lr}")
-    if weight_decay < 0:
-        raise ValueError(f"`weight_decay` must be >= 0. Received: weight_decay={weight_decay}")
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=warmup_cosine(lr, total_steps, warmup_steps),
-        weight_decay=weight_decay / lr,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-8,
-        global_clipnorm=clipnorm,
-    )
-    optimizer.exclude_from_weight_decay(var_names=[_NOT_A_KERNEL])
-    return optimizer
+    return _decoupled(keras.optimizers.AdamW, lr, weight_decay, total_steps, warmup_steps,
+                      clipnorm, beta_1=0.9, beta_2=0.999)
 
 
 def shampoo(
-    lr: float,
-    weight_decay: float,
-    total_steps: int,
-    warmup_steps: int = 0,
+    lr: float, weight_decay: float, total_steps: int, warmup_steps: int = 0,
     clipnorm: float | None = 1.0,
     *,
     block_size: int = 128,
@@ -112,11 +92,7 @@ def shampoo(
     for the algorithm.
 
     Args:
-        lr: float. Peak learning rate.
-        weight_decay: float. Decay per step at the peak, not multiplied by lr.
-        total_steps: int. Length of the schedule (the lr reaches 0 there).
-        warmup_steps: int. Linear warmup steps. Defaults to `0`.
-        clipnorm: float or None. Global gradient-norm clip. Defaults to `1.0`.
+        lr, weight_decay, total_steps, warmup_steps, clipnorm: as in `adamw`.
         block_size: int. Largest preconditioner block side. Defaults to `128`.
         beta2: float in (0, 1]. EMA of the statistics and of Adam's second
             moment. Defaults to `0.999`.
@@ -137,23 +113,31 @@ def shampoo(
     >>> round(opt.weight_decay, 6), opt.block_size, opt.nesterov
     (0.001, 128, True)
     """
+    return _decoupled(Shampoo, lr, weight_decay, total_steps, warmup_steps, clipnorm,
+                      beta1=0.9, beta2=beta2, block_size=block_size,
+                      precondition_every=precondition_every,
+                      statistics_every=statistics_every,
+                      start_preconditioning_step=start_preconditioning_step,
+                      nesterov=nesterov, root_method=root_method)
+
+
+def _decoupled(optimizer_class, lr: float, weight_decay: float, total_steps: int,
+               warmup_steps: int, clipnorm: float | None, **kwargs):
+    """`optimizer_class` with the paper's schedule, decoupled kernel-only decay and clipping.
+
+    Keras multiplies `weight_decay` by the current learning rate `lr·s(t)`;
+    passing `weight_decay / lr` leaves the decay scaled by the schedule only.
+    """
     if lr <= 0:
         raise ValueError(f"`lr` must be > 0. Received: lr={lr}")
     if weight_decay < 0:
         raise ValueError(f"`weight_decay` must be >= 0. Received: weight_decay={weight_decay}")
-    optimizer = Shampoo(
+    optimizer = optimizer_class(
         learning_rate=warmup_cosine(lr, total_steps, warmup_steps),
         weight_decay=weight_decay / lr,
-        beta1=0.9,
-        beta2=beta2,
         epsilon=1e-8,
-        block_size=block_size,
-        precondition_every=precondition_every,
-        statistics_every=statistics_every,
-        start_preconditioning_step=start_preconditioning_step,
-        nesterov=nesterov,
-        root_method=root_method,
         global_clipnorm=clipnorm,
+        **kwargs,
     )
     optimizer.exclude_from_weight_decay(var_names=[_NOT_A_KERNEL])
     return optimizer

@@ -20,6 +20,7 @@ from absl import logging
 from funmatch_keras.optim.optimizers import global_step
 from funmatch_keras.training.checkpoint import CheckpointManager
 from funmatch_keras.training.checkpoint_format import NonFiniteWeightsError
+from funmatch_keras.training.steplog import StepCadence, crossed_multiple
 
 # Sent before a machine is taken away (cloud VMs, spot instances) and by Ctrl-C.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -56,7 +57,7 @@ def stop_on_signals(callback: "CheckpointCallback") -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-class CheckpointCallback(keras.callbacks.Callback):
+class CheckpointCallback(StepCadence):
     """Saves the student and optimizer on a step and a wall-clock cadence, and at the end.
 
     It acts at Keras epoch ends, which `fit_resumably` makes the log steps
@@ -119,7 +120,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         total_steps: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        super().__init__()
+        super().__init__(steps_per_epoch=steps_per_epoch, total_steps=total_steps, clock=clock)
         if not isinstance(every_steps, int) or every_steps < 1:
             raise ValueError(
                 f"`every_steps` must be an int >= 1. Received: every_steps={every_steps!r}"
@@ -134,16 +135,12 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.get_metadata = get_metadata
         self.is_chief = is_chief
         self.background = background
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = total_steps
-        self.clock = clock
         latest = manager.latest()
         self.last_saved_step = latest[0] if latest else None
         self.stopped_reason: str | None = None
         self.stop_requested: str | None = None  # e.g. "SIGTERM", set by `request_stop`
         self._last_save_time = clock()
         self._epoch = 0
-        self._step = 0
 
     def request_stop(self, reason: str) -> None:
         """Stop after the batch in flight and save (safe in a signal handler)."""
@@ -176,24 +173,23 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._last_save_time = self.clock()
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
         self.stopped_reason = None
-        self._step = global_step(self.model.optimizer)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch + 1  # completed: a save at the end records it
-        previous, self._step = self._step, global_step(self.model.optimizer)
+        previous, step = self._advance()
         loss = (logs or {}).get("loss")  # the interval's mean: NaN if any step was
         if loss is not None and not math.isfinite(float(loss)):
-            self._stop(f"loss became NaN by step {self._step}")
+            self._stop(f"loss became NaN by step {step}")
             return
         if self.stop_requested:
             return  # saved at training end, once `fit` has stopped
-        # `//` rather than `%`: epoch ends need not fall on multiples.
-        due = self._step // self.every_steps > previous // self.every_steps
+        due = crossed_multiple(previous, step, self.every_steps)
         if not due and self.every_seconds is not None:
             due = self.clock() - self._last_save_time >= self.every_seconds
         if due:
-            self._save(self._step)
+            self._save(step)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         step = global_step(self.model.optimizer)

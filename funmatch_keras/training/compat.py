@@ -1,6 +1,6 @@
 """Workarounds for Keras bugs that funmatch_keras users would otherwise hit.
 
-One today: Keras 3 (3.0 up to at least 3.15.1, the newest release checked)
+One workaround: Keras 3 (3.0 up to at least 3.15.1, the newest release checked)
 cannot `fit` or `evaluate` across the workers of a
 `tf.distribute.MultiWorkerMirroredStrategy`; see
 https://github.com/tensorflow/tensorflow/issues/72388 ("Invalid reduction

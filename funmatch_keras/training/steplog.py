@@ -30,13 +30,39 @@ import warnings
 from typing import Any, Callable
 
 import keras
+import numpy as np
 from absl import logging
 
 from funmatch_keras import atomic
 from funmatch_keras.optim.optimizers import global_step
 
 
-class StepLogger(keras.callbacks.Callback):
+class StepCadence(keras.callbacks.Callback):
+    """A callback acting at log steps, on a cadence of the global step.
+
+    `loop.fit_resumably` makes Keras's epoch ends the log steps; the global step
+    is the optimizer's `iterations`, so cadences survive restarts. Subclasses
+    call `_advance` at each epoch end and test `crossed_multiple`.
+    """
+
+    def __init__(self, *, steps_per_epoch: int | None, total_steps: int | None,
+                 clock: Callable[[], float]):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.clock = clock
+        self._step = 0
+
+    def on_train_begin(self, logs=None):
+        self._step = global_step(self.model.optimizer)
+
+    def _advance(self) -> tuple[int, int]:
+        """`(previous, step)`: the log step before this one, and this one."""
+        previous, self._step = self._step, global_step(self.model.optimizer)
+        return previous, self._step
+
+
+class StepLogger(StepCadence):
     """Logs every virtual epoch (one log interval) of `loop.fit_resumably` in user units.
 
     Args:
@@ -79,21 +105,17 @@ class StepLogger(keras.callbacks.Callback):
         verbose: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ):
-        super().__init__()
+        super().__init__(steps_per_epoch=steps_per_epoch, total_steps=total_steps, clock=clock)
         if eval_every_steps is not None and eval_every_steps < 1:
             raise ValueError(f"`eval_every_steps` must be >= 1 or None. "
                              f"Received: eval_every_steps={eval_every_steps!r}")
         self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = total_steps
         self.metrics_path = metrics_path
         self.tensorboard_dir = tensorboard_dir
         self.validation_data = validation_data
         self.eval_every_steps = eval_every_steps
         self.verbose = verbose
-        self.clock = clock
         self._writer = None
-        self._step = 0
         self._mark = 0.0
         self._wall_offset = 0.0
         self._warmup = True  # the first interval of this process holds compilation
@@ -110,7 +132,7 @@ class StepLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         # `fit_resumably` may call `fit` up to three times in one run.
-        self._step = global_step(self.model.optimizer)
+        super().on_train_begin(logs)
         self._mark = self.clock()
         if self._started is not None:
             return
@@ -132,10 +154,9 @@ class StepLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        step = global_step(self.model.optimizer)
         train_s = self.clock() - self._mark
-        steps, previous = step - self._step, self._step
-        self._step = step
+        previous, step = self._advance()
+        steps = step - previous
         if self._evaluation_due(previous, step):
             results = evaluate(self.model, self.validation_data)
             logs.update({f"val_{k}": float(v) for k, v in results.items()})
@@ -171,7 +192,7 @@ class StepLogger(keras.callbacks.Callback):
         if self.validation_data is None or self.model.stop_training:
             return False  # a NaN or a preemption signal: stop fast
         every = self.eval_every_steps or self.steps_per_epoch
-        return step // every > previous // every or step >= self.total_steps
+        return crossed_multiple(previous, step, every) or step >= self.total_steps
 
     def _write(self, record: dict) -> None:
         if self.metrics_path:
@@ -219,6 +240,19 @@ def progress_output(total_steps: int, verbose: int) -> tuple[int, int]:
     if not verbose:
         return 0, 0
     return (verbose, 0) if total_steps <= SHORT_RUN_STEPS else (0, verbose)
+
+
+def crossed_multiple(previous: int, step: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in `(previous, step]`: a cadence is due.
+
+    Callbacks act at log steps, which need not fall on multiples of `every`,
+    so the test is `//` rather than `%`.
+
+    Example (log steps 4, 8, 12 against a cadence of 6):
+    >>> [crossed_multiple(p, s, every=6) for p, s in ((0, 4), (4, 8), (8, 12))]
+    [False, True, True]
+    """
+    return step // every > previous // every
 
 
 def eta_seconds(step: int, total_steps: int, steps_timed: int,
@@ -306,6 +340,71 @@ def evaluate(model: keras.Model, dataset) -> dict[str, float]:
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         results = model.evaluate(dataset, verbose=0, return_dict=True)
     return {k: float(v) for k, v in results.items()}
+
+
+def predict_classes(model: keras.Model | list[keras.Model], images: np.ndarray,
+                    batch_size: int = 256) -> np.ndarray:
+    """Top-1 classes of a model, or of an ensemble (a list: logits averaged, as distilled)."""
+    models = model if isinstance(model, (list, tuple)) else [model]
+    logits = [np.asarray(m.predict(images, batch_size=batch_size, verbose=0)) for m in models]
+    return np.mean(logits, axis=0).argmax(-1)
+
+
+class TestSetTracker(keras.callbacks.Callback):
+    """Test top-1 of `student`, and its agreement with the teacher, at epoch ends.
+
+    For curves over a short run held in memory (the demo, the benchmarks);
+    `StepLogger` is the logger of long runs.
+
+    Args:
+        student: `keras.Model` scored (not the one `fit` trains: e.g. `distiller.student`).
+        images: array of test images.
+        labels: array of their classes.
+        teacher_classes: array of the teacher's top-1 classes on `images`.
+        every: int. Score every `every` epochs, and at `epochs`. Defaults to 1.
+        epochs: int or None. The run's last epoch. Defaults to None.
+
+    Attributes:
+        points: one dict per scoring: `epoch`, the epoch's training `loss`,
+            `test_top1` and `agreement`.
+
+    Example:
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> x = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> tracker = TestSetTracker(model, x, np.array([0, 1]), predict_classes(model, x))
+    >>> _ = model.fit(x, np.zeros((2, 2)), epochs=2, verbose=0, callbacks=[tracker])
+    >>> [p["epoch"] for p in tracker.points], len(tracker.top1)
+    ([1, 2], 2)
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self, student: keras.Model, images: np.ndarray, labels: np.ndarray,
+                 teacher_classes: np.ndarray, every: int = 1, epochs: int | None = None):
+        super().__init__()
+        self.student, self.images, self.labels = student, images, labels
+        self.teacher_classes, self.every, self.epochs = teacher_classes, every, epochs
+        self.points: list[dict] = []
+
+    @property
+    def top1(self) -> list[float]:
+        return [p["test_top1"] for p in self.points]
+
+    @property
+    def agreement(self) -> list[float]:
+        return [p["agreement"] for p in self.points]
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if done % self.every and done != self.epochs:
+            return
+        predictions = predict_classes(self.student, self.images)
+        self.points.append({
+            "epoch": done, "loss": float((logs or {}).get("loss", np.nan)),
+            "test_top1": float(np.mean(predictions == self.labels)),
+            "agreement": float(np.mean(predictions == self.teacher_classes)),
+        })
 
 
 def read_metrics(path: str) -> list[dict]:

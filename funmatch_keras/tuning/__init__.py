@@ -4,5 +4,7 @@
   none; a bfloat16 teacher where the device computes it natively) and `apply`;
 - `tune`: `teacher_path` times the candidates and keeps the fastest that agrees with
   the float32 teacher;
+- `timing`: calls timed against each other, round-robin in alternating order (the
+  tuner's and the benchmarks');
 - `hardware`: the CPU's SIMD flags, and whether bfloat16 is native.
 """

@@ -24,10 +24,9 @@ from funmatch_keras.tuning import hardware
 
 # The frozen teacher's weights are stored in bf16, not cast from float32 at every
 # step as "mixed_bfloat16" would: BiT-R152x2's forward pass at 128 px went from 583 to
-# 479 ms a batch of 8 on an AMX CPU (benchmarks/teacher_dtype.py), in half the memory.
-# GroupNormalization
-# still computes its statistics in float32 (Keras upcasts), and logits reach the loss
-# in float32.
+# 479 ms a batch of 8 on an AMX CPU (README, benchmarks/teacher_dtype.py), in half the
+# memory. GroupNormalization still computes its statistics in float32 (Keras upcasts),
+# and logits reach the loss in float32.
 BFLOAT16 = "bfloat16"
 
 

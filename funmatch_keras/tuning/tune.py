@@ -1,13 +1,11 @@
 """Chooses the teacher's compute path (XLA, bfloat16) by timing it, guarded by agreement.
 
-The frozen teacher is most of a distillation step (BiT-R152x2 for a BiT-R50x1
-student: 74% of the FLOPs at 64 px, about 92% with a 384 px ensemble member),
-and whether XLA or a bfloat16 teacher pays depends on the machine and the
-image size: the same step ran 1.2x faster under XLA at 128 px and 2x slower at
-64 px on another CPU. So `teacher_path` times a few steps of each candidate
-`TeacherPath`, after compilation, and keeps the fastest one whose teacher
-predicts what the float32 teacher predicts (top-1 agreement and KL on a few
-hundred images). Logits reach the loss in float32 on every path.
+The frozen teacher is most of a distillation step, and whether XLA or a
+bfloat16 teacher pays depends on the machine and the image size (README,
+"Teacher compute path on the paper's workloads"). So `teacher_path` times a
+few steps of each candidate `TeacherPath`, after compilation, and keeps the
+fastest one whose teacher predicts what the float32 teacher predicts (top-1
+agreement and KL on a few hundred images). Logits reach the loss in float32 on every path.
 
 Example:
 >>> import numpy as np
@@ -25,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 import time
 from typing import Any, Callable, Iterable
@@ -36,6 +33,7 @@ from keras import ops
 
 from funmatch_keras.distiller import Distiller
 from funmatch_keras.losses import kl_divergence_from_logits
+from funmatch_keras.tuning import timing
 from funmatch_keras.tuning.teacher_paths import (  # noqa: F401 (the public API of tuning)
     BFLOAT16,
     TeacherPath,
@@ -144,19 +142,20 @@ def teacher_path(
             rows[path]["first_s"] = round(_run_step(built[path], x, y), 2)
             seconds[path] = [_run_step(built[path], x, y)]
             step_s = seconds[paths[0]][0]
-        # Round-robin, in alternating order, so that a change of load hits all alike;
-        # steps shorter than 0.1 s are timed in bursts. Rounds beyond `steps` while
-        # they fit in half the budget: candidates 10% apart need them on shared cores.
-        burst = max(1, math.ceil(0.1 / max(step_s, 1e-6)))
-        round_, round_s = 0, 0.0
-        while round_ < max(1, steps) or (
-                budget_steps is not None and round_ < MAX_ROUNDS
-                and time.perf_counter() - start + round_s < budget_steps * step_s / 2):
-            round_start = time.perf_counter()
-            for path in list(built) if round_ % 2 else list(built)[::-1]:
-                seconds[path].append(sum(_run_step(built[path], x, y) for _ in range(burst))
-                                     / burst)
-            round_, round_s = round_ + 1, time.perf_counter() - round_start
+        burst = timing.burst_size(step_s)
+
+        def timer(path):
+            return lambda: sum(_run_step(built[path], x, y) for _ in range(burst)) / burst
+
+        def more(done: int, round_s: float) -> bool:
+            # Candidates 10% apart need more rounds on shared cores: take them while
+            # they fit in half the budget.
+            return (budget_steps is not None and done < MAX_ROUNDS
+                    and time.perf_counter() - start + round_s < budget_steps * step_s / 2)
+
+        timed = timing.round_robin({path: timer(path) for path in built}, max(1, steps), more)
+        for path, times in timed.items():
+            seconds[path] += times
     finally:
         distiller.student.set_weights(weights)
     for path, times in seconds.items():

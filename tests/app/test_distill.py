@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from funmatch_keras import configs
-from funmatch_keras.app import cli
+from funmatch_keras.app import build, cli
 from funmatch_keras.app import distill as train
 from funmatch_keras.app import workdir as workdirs
 from funmatch_keras.data import pipelines as data
@@ -207,11 +207,9 @@ def test_every_shipped_config_builds_its_pipelines_under_mock_data(spec):
     with tfds.testing.mock_data(num_examples=40):
         train_source = sources.source_for(config.dataset, "train", config.data_dir)
         teacher_size = configs.teacher_sizes(config)
-        ds = data.train_pipeline(
-            train_source, mode=config.mode, batch_size=config.batch_size,
-            student_size=config.student_size, teacher_size=teacher_size, seed=config.seed,
-            area_range=(config.crop_area_min, 1.0), flip=config.flip, epochs=1,
-            shuffle_buffer=64) if config.mode != "fixed_teacher" else None
+        ds = data.train_pipeline(train_source, **build.pipeline_kwargs(
+            config, train_source, epochs=1, shuffle_buffer=64),
+        ) if config.mode != "fixed_teacher" else None
         if ds is not None:
             batch = next(iter(ds))
             student = batch["student"] if isinstance(batch, dict) else batch
