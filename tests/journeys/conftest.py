@@ -91,13 +91,17 @@ class Readme:
 
     def commands_after(self, marker: str) -> list[list[str]]:
         """The commands of the first ```bash block after the line holding `marker`."""
-        import shlex
-
         start = self.text.index(marker)
         block = self.text.index("```bash\n", start) + len("```bash\n")
-        body = self.text[block:self.text.index("```", block)]
-        return [shlex.split(line, comments=True)
-                for line in body.replace("\\\n", " ").splitlines() if line.strip()]
+        return _split_commands(self.text[block:self.text.index("```", block)])
+
+
+def _split_commands(body: str) -> list[list[str]]:
+    """A bash block's commands, continuation lines joined, split as a shell would."""
+    import shlex
+
+    return [shlex.split(line, comments=True)
+            for line in body.replace("\\\n", " ").splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session")
@@ -106,14 +110,9 @@ def readme() -> Readme:
 
 
 def _funmatch_commands(text: str) -> list[list[str]]:
-    import shlex
-
-    commands = []
-    for block in text.split("```bash\n")[1:]:
-        body = block.split("```", 1)[0].replace("\\\n", " ")
-        commands += [shlex.split(line, comments=True) for line in body.splitlines()
-                     if line.strip().startswith("funmatch ")]
-    return commands
+    return [command for block in text.split("```bash\n")[1:]
+            for command in _split_commands(block.split("```", 1)[0])
+            if command and command[0] == "funmatch"]
 
 
 @pytest.fixture(scope="session")
