@@ -29,7 +29,6 @@ run), `first_run_overhead` (teacher pass plus one replayed run over one live run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -41,13 +40,17 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from funmatch_keras import models  # noqa: E402
-from funmatch_keras.data import pipelines as data
-from funmatch_keras.data import sources
-from funmatch_keras.data.teacher_store import TeacherStore, fingerprint, teacher_function  # noqa: E402
+from benchmarks import common  # noqa: E402
+from funmatch_keras import configs, models  # noqa: E402
+from funmatch_keras.app import build  # noqa: E402
+from funmatch_keras.data import pipelines as data  # noqa: E402
+from funmatch_keras.data.teacher_store import (  # noqa: E402
+    TeacherStore,
+    fingerprint,
+    teacher_function,
+)
 from funmatch_keras.distiller import Distiller  # noqa: E402
-from funmatch_keras.optim import optimizers as optim
-from funmatch_keras.tuning import hardware
+from funmatch_keras.optim import optimizers as optim  # noqa: E402
 
 TEMPERATURES = (1.0, 2.0, 5.0, 10.0)
 
@@ -63,18 +66,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.size, args.batch, args.steps = 64, 8, 10
+    print(common.machine_line(), flush=True)
     tf.config.experimental.enable_op_determinism()
-    source = sources.digits_source("train")
+    # The digits config's pipeline (function matching, its crops and flips) at this
+    # size and batch, built as `funmatch distill` builds it.
+    config = configs.apply_overrides(configs.load_config("digits"), {
+        "batch_size": str(args.batch), "student_size": str(args.size), "seed": "0"})
+    source = build.source(config, "train")
     classes = source.num_classes
 
     def make_dataset(step):
-        return data.train_pipeline(source, mode="function_matching", batch_size=args.batch,
-                                   student_size=args.size, seed=0, start_step=step)
+        return data.train_pipeline(source, **build.pipeline_kwargs(config, source,
+                                                                  start_step=step))
 
     keras.utils.set_random_seed(1)
-    teacher = models.build(args.teacher, classes, args.size)
-    if any(isinstance(layer, models.StdConv2D) for layer in teacher.layers):
-        teacher = models.fold_weight_standardization(teacher)
+    teacher = models.fold_if_standardized(models.build(args.teacher, classes, args.size))
 
     class StepClock(keras.callbacks.Callback):
         """Wall time of each training step (batch end to batch end; the first from
@@ -149,12 +155,12 @@ def main() -> None:
         "stored_bytes_per_step": stored_bytes / args.steps,
         "max_abs_weight_diff": max_diff(replayed[0][1], live[0][1]),
         "rerun_max_abs_weight_diff": max_diff(rerun_weights, live[0][1]),
-        "cpu": hardware.describe(), "cpu_flags": hardware.cpu_flags(),
+        **common.machine(),
     }
     print(f"live {live_s:.1f} s, store {store_s:.1f} s (teacher pass {fill_s:.1f} s): "
           f"sweep ratio {report['sweep_ratio']}, replayed run / live run "
           f"{report['replay_run_ratio']}, first run overhead {report['first_run_overhead']}")
-    print(json.dumps(report))
+    common.print_result(report)
 
 
 if __name__ == "__main__":
