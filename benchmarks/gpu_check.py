@@ -1,6 +1,6 @@
 """GPU check on the JAX backend: timm parity of the BiT port, and Distiller step speed.
 
-Two parts, one process (plus one subprocess for PyTorch), no TensorFlow needed:
+Three parts, one process (plus one subprocess for PyTorch), no TensorFlow needed:
 
 (a) **timm parity.** An independent second implementation of BiT ResNetV2:
     timm's `resnetv2_50x1_bit` (and `resnetv2_101x1_bit`) built with random
@@ -15,7 +15,7 @@ Two parts, one process (plus one subprocess for PyTorch), no TensorFlow needed:
     out of JAX's way); JAX with `jax_default_matmul_precision="highest"`.
 
 (b) **Distillation step throughput.** `Distiller(teacher=BiT-R101x1 (frozen,
-    random weights, random head), student=BiT-R50x1)`, compiled as `train.py`
+    random weights, random head, unfolded), student=BiT-R50x1)`, compiled as `train.py`
     does (`optim.adamw`, `jit_compile=True`), fed one device-resident random
     batch repeated (function matching: a plain image batch), timed with `fit`:
     one warm-up epoch (includes compilation), then `--windows` epochs of
@@ -24,9 +24,28 @@ Two parts, one process (plus one subprocess for PyTorch), no TensorFlow needed:
     median ms/step, images/s, the bf16/fp32 speed ratio. The fp32 run keeps
     JAX's default matmul precision unless `--fp32-precision` says otherwise.
 
-Stages past the first of each part are skipped when they would overrun
-`--budget-s` (estimated from the compile times seen so far). The JSON is
-rewritten after every stage, so a run cut short still leaves its results.
+(c) **The paper's pair, live vs replayed.** BiT-R152x2 teacher at
+    `--pair-teacher-size` (224) -> BiT-R50x1 student at `--pair-student-size`
+    (160), random weights, the teacher's head redrawn and its weight
+    standardization folded into the kernels (as `funmatch distill` builds a
+    frozen BiT teacher), compiled as in (b). Per batch size (`--pair-batches`)
+    and policy, two steps timed as in (b): *live*, on a cross-resolution batch
+    `{"student": x160, "teacher": x224}` (x160 = x224 resized), both models
+    run; *replayed*, on `{"student": x160, "teacher_logits": l}` with `l` the
+    teacher's logits for x224 computed once and kept on the device: the step
+    of a run replaying a teacher store (`--config.teacher_store`). Reading the
+    store (tf.data, host-side I/O, absent here) is not timed. Reported: median
+    ms/step and images/s of both, `replay_over_live` (replayed ms over live
+    ms) and `teacher_share` (1 - that: the part of a live step the teacher
+    costs), finite losses.
+
+The order: (a) on the first model, (c), (b), then (a) on the others. Stages
+past the first of each part are skipped when they would overrun `--budget-s`
+(420 s by default, so that a run fits a 10-minute job limit; estimated from the
+stage times seen so far). The JSON is rewritten after every stage, so a run
+cut short still leaves its results. On one H200 the default run takes about 7
+minutes (an estimate: (a) and (b) alone took 3.5); `--skip-parity
+--skip-throughput` gives (c) the whole budget.
 
 Usage:
     KERAS_BACKEND=jax python benchmarks/gpu_check.py --quick --out /tmp/g.json  # CPU smoke
@@ -60,6 +79,8 @@ NUM_CLASSES = 10
 # Our constructor name -> timm model name.
 ARCHS = {"bit_r50x1": "resnetv2_50x1_bit", "bit_r101x1": "resnetv2_101x1_bit"}
 POLICIES = ("float32", "mixed_bfloat16")
+# The paper's pair (Beyer et al. 2022): teacher at 224 px, student at 160 px.
+PAIR = ("bit_r152x2", "bit_r50x1")
 
 
 # ---------------------------------------------------------------- PyTorch side
@@ -146,7 +167,8 @@ class Report:
         self.path = path
         self.start = start
         self.budget_s = budget_s
-        self.data: dict[str, Any] = {"parity": [], "throughput": [], "skipped": []}
+        self.data: dict[str, Any] = {"parity": [], "throughput": [], "pair": [],
+                                     "skipped": []}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -305,7 +327,13 @@ class _WindowClock:
         self.losses: list[float] = []
 
 
-def _build_distiller(policy: str, size: int, args: argparse.Namespace):
+def _build_distiller(policy: str, args: argparse.Namespace, teacher: tuple[str, int],
+                     student: tuple[str, int], fold_teacher: bool = False):
+    """A compiled `Distiller` of random BiT models, `teacher`/`student` = (constructor, size).
+
+    `fold_teacher` folds the teacher's weight standardization into its kernels,
+    as `funmatch distill` builds a frozen BiT teacher (`models.fold_if_standardized`).
+    """
     import keras
 
     from funmatch_keras import models
@@ -315,13 +343,15 @@ def _build_distiller(policy: str, size: int, args: argparse.Namespace):
     keras.mixed_precision.set_global_policy(policy)
     try:
         keras.utils.set_random_seed(args.seed)
-        teacher = models.bit_r101x1(NUM_CLASSES, image_size=size)
-        student = models.bit_r50x1(NUM_CLASSES, image_size=size)
+        teacher_model = getattr(models, teacher[0])(NUM_CLASSES, image_size=teacher[1])
+        student_model = getattr(models, student[0])(NUM_CLASSES, image_size=student[1])
         # BiT zero-initializes the head: random teacher logits give a real loss.
-        head = teacher.get_layer("head_logits")
+        head = teacher_model.get_layer("head_logits")
         head.kernel.assign(keras.random.normal(head.kernel.shape, seed=args.seed)
                            / np.sqrt(head.kernel.shape[0]))
-        distiller = Distiller(teacher, student, temperature=1.0)
+        if fold_teacher:
+            teacher_model = models.fold_if_standardized(teacher_model)
+        distiller = Distiller(teacher_model, student_model, temperature=1.0)
         # As train.py compiles it (paper AdamW, warmup + cosine, XLA on JAX).
         distiller.compile(optimizer=optim.adamw(1e-3, 1e-4, total_steps=10_000,
                                                 warmup_steps=10),
@@ -331,15 +361,26 @@ def _build_distiller(policy: str, size: int, args: argparse.Namespace):
     return distiller
 
 
-def _time_config(distiller, policy: str, batch: int, size: int, args) -> dict[str, Any]:
+def _device_images(batch: int, size: int, seed: int):
+    """A device-resident random batch in [-1, 1], NHWC float32."""
     import jax
 
-    rng = np.random.default_rng(args.seed)
-    images = jax.device_put(rng.uniform(-1.0, 1.0, (batch, size, size, 3)).astype("float32"))
+    rng = np.random.default_rng(seed)
+    return jax.device_put(rng.uniform(-1.0, 1.0, (batch, size, size, 3)).astype("float32"))
+
+
+def _time_config(distiller, policy: str, x: Any, batch: int, args: argparse.Namespace,
+                 **describe: Any) -> dict[str, Any]:
+    """Times `distiller.fit` on the device-resident batch `x` (any Distiller input) repeated.
+
+    One warm-up window (compiles), then `args.windows` windows of `args.steps`
+    steps. `describe` (image sizes, ...) goes into the row as given.
+    """
+    import jax
 
     def batches():  # (x,): no labels, function matching
         while True:
-            yield (images,)
+            yield (x,)
 
     clock = _WindowClock()
     previous = _matmul_precision()
@@ -354,7 +395,7 @@ def _time_config(distiller, policy: str, batch: int, size: int, args) -> dict[st
     step_s = [w / args.steps for w in windows[1:]]
     median = statistics.median(step_s)
     return {
-        "policy": policy, "batch": batch, "image_size": size, "steps_per_window": args.steps,
+        "policy": policy, "batch": batch, **describe, "steps_per_window": args.steps,
         "windows": len(step_s),
         "fp32_precision": (args.fp32_precision or "default") if policy == "float32" else None,
         "median_step_ms": 1e3 * median, "min_step_ms": 1e3 * min(step_s),
@@ -381,8 +422,10 @@ def run_throughput(args: argparse.Namespace, report: Report) -> None:
         t0 = time.perf_counter()
         try:
             if policy not in distillers:
-                distillers[policy] = _build_distiller(policy, size, args)
-            row = _time_config(distillers[policy], policy, batch, size, args)
+                distillers[policy] = _build_distiller(policy, args, ("bit_r101x1", size),
+                                                      ("bit_r50x1", size))
+            row = _time_config(distillers[policy], policy, _device_images(batch, size, args.seed),
+                               batch, args, image_size=size)
         except Exception as error:  # e.g. RESOURCE_EXHAUSTED at a large batch
             report.skip(what, f"{type(error).__name__}: {str(error)[:300]}")
             gc.collect()
@@ -410,15 +453,95 @@ def run_throughput(args: argparse.Namespace, report: Report) -> None:
     gc.collect()
 
 
+def _pair_stage(distiller, policy: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The paper's pair at one (batch, policy): the live step, then the replayed one."""
+    import jax
+
+    from funmatch_keras.distiller import STUDENT_KEY, TEACHER_KEY, TEACHER_LOGITS_KEY
+
+    t_size, s_size = args.pair_teacher_size, args.pair_student_size
+    # Cross-resolution: the student sees the teacher's images, resized.
+    teacher_images = _device_images(batch, t_size, args.seed)
+    student_images = jax.image.resize(teacher_images, (batch, s_size, s_size, 3), "bilinear")
+    sizes = {"teacher_size": t_size, "student_size": s_size}
+    live = _time_config(distiller, policy, {STUDENT_KEY: student_images,
+                                            TEACHER_KEY: teacher_images},
+                        batch, args, **sizes)
+    # What a teacher store replays: the teacher's logits for these very images,
+    # computed once and kept on the device (reading the store is host-side I/O).
+    t0 = time.perf_counter()
+    logits = jax.block_until_ready(distiller.teacher_logits({TEACHER_KEY: teacher_images}))
+    logits_s = time.perf_counter() - t0
+    replayed = _time_config(distiller, policy, {STUDENT_KEY: student_images,
+                                                TEACHER_LOGITS_KEY: logits},
+                            batch, args, **sizes)
+    ratio = float(replayed["median_step_ms"] / live["median_step_ms"])
+    return {
+        "policy": policy, "batch": batch, "teacher": PAIR[0], "student": PAIR[1], **sizes,
+        "teacher_folded": True, "live": live, "replayed": replayed,
+        "teacher_logits_s": logits_s, "replay_over_live": ratio, "teacher_share": 1.0 - ratio,
+        "finite": bool(live["finite"] and replayed["finite"]
+                       and np.all(np.isfinite(np.asarray(logits)))),
+    }
+
+
+def run_pair(args: argparse.Namespace, report: Report) -> None:
+    """Part (c): the paper's pair, live vs replayed, per batch size and policy."""
+    import keras
+
+    distillers: dict[str, Any] = {}
+    stage_s: list[float] = []
+    configs = [(b, p) for b in args.pair_batches for p in POLICIES]
+    for i, (batch, policy) in enumerate(configs):
+        what = f"pair {policy} batch {batch}"
+        if i and not report.fits(1.5 * max(stage_s or [120.0]) + 10.0, what):
+            continue
+        t0 = time.perf_counter()
+        try:
+            if policy not in distillers:
+                distillers[policy] = _build_distiller(
+                    policy, args, (PAIR[0], args.pair_teacher_size),
+                    (PAIR[1], args.pair_student_size), fold_teacher=True)
+            row = _pair_stage(distillers[policy], policy, batch, args)
+        except Exception as error:  # e.g. RESOURCE_EXHAUSTED at a large batch
+            report.skip(what, f"{type(error).__name__}: {str(error)[:300]}")
+            gc.collect()
+            continue
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        stage_s.append(row["seconds"])
+        report.data["pair"].append(row)
+        key = f"{policy} batch {batch}"
+        report.data.setdefault("pair_teacher_share", {})[key] = round(row["teacher_share"], 3)
+        report.write()
+        for name in ("live", "replayed"):
+            timing = row[name]
+            print(f"  {policy:15s} batch {batch:4d} {name:8s}: {timing['median_step_ms']:8.2f} "
+                  f"ms/step (min {timing['min_step_ms']:.2f}, max {timing['max_step_ms']:.2f}), "
+                  f"{timing['images_per_s']:9.1f} img/s, first window "
+                  f"{timing['first_window_s']:.1f}s, loss {timing['losses'][-1]:.4f}",
+                  flush=True)
+        peak = row["replayed"]["peak_bytes_in_use_so_far"]
+        print(f"  -> replayed/live {row['replay_over_live']:.3f}, teacher share "
+              f"{row['teacher_share']:.3f}; teacher logits once in {row['teacher_logits_s']:.1f}s"
+              + (f", peak so far {peak / 2**30:.1f} GiB" if peak else "")
+              + f" ({row['seconds']:.0f}s)", flush=True)
+    del distillers
+    keras.backend.clear_session()
+    gc.collect()
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="Path of the JSON report.")
     parser.add_argument("--quick", action="store_true",
-                        help="CPU smoke run: 32 px, batch 4, 2 steps, R50 parity at 64 px.")
-    parser.add_argument("--budget-s", type=float, default=270.0,
-                        help="Skip later stages that would end past this many seconds.")
+                        help="CPU smoke run: 32 px, batch 4, 2 steps, R50 parity at 64 px, "
+                             "the pair at 48 -> 32 px, batch 2.")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="Skip later stages that would end past this many seconds. "
+                             "Defaults to 420 (none with --quick).")
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-pair", action="store_true")
     parser.add_argument("--parity-archs", nargs="+", choices=sorted(ARCHS),
                         default=None, help="Defaults to both (bit_r50x1 alone with --quick).")
     parser.add_argument("--parity-size", type=int, default=None,
@@ -435,6 +558,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="Steps per timed window. Defaults to 10 (2 with --quick).")
     parser.add_argument("--windows", type=int, default=None,
                         help="Timed windows after the warm-up one. Defaults to 5 (2 with --quick).")
+    parser.add_argument("--pair-teacher-size", type=int, default=None,
+                        help=f"{PAIR[0]}'s image size. Defaults to 224 (48 with --quick).")
+    parser.add_argument("--pair-student-size", type=int, default=None,
+                        help=f"{PAIR[1]}'s image size. Defaults to 160 (32 with --quick).")
+    parser.add_argument("--pair-batches", type=int, nargs="+", default=None,
+                        help="The pair's global batch sizes. Defaults to 64 128 (2 with --quick).")
     parser.add_argument("--fp32-precision", choices=["default", "high", "highest"], default=None,
                         help="jax_default_matmul_precision for the float32 throughput run. "
                              "Defaults to JAX's default (may use TF32 on the GPU).")
@@ -445,12 +574,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     defaults = {"parity_archs": ["bit_r50x1"] if quick else ["bit_r50x1", "bit_r101x1"],
                 "parity_size": 64 if quick else 128, "parity_batch": 2 if quick else 16,
                 "size": 32 if quick else 128, "batches": [4] if quick else [128, 256],
-                "steps": 2 if quick else 10, "windows": 2 if quick else 5}
+                "steps": 2 if quick else 10, "windows": 2 if quick else 5,
+                "pair_teacher_size": 48 if quick else 224,
+                "pair_student_size": 32 if quick else 160,
+                "pair_batches": [2] if quick else [64, 128],
+                # A CPU smoke run is about completeness, not time.
+                "budget_s": 1e9 if quick else 420.0}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if quick and args.budget_s == 270.0:
-        args.budget_s = 1e9  # a CPU smoke run is about completeness, not time
     return args
 
 
@@ -489,8 +621,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(a) timm parity ({args.parity_size}px, batch {args.parity_batch}; "
                   "float32, highest matmul precision, TF32 off in torch)", flush=True)
             meta = prepare_parity(args, report, workdir)
-        # The first model's parity, the throughput, then further models if time allows.
+        # The first model's parity, the pair, the throughput, then further models
+        # if time allows. The pair comes before (b): its stages cost the most, and
+        # (b)'s first stage runs whatever the budget.
         parity_s = check_parity(args, report, workdir, meta, args.parity_archs[0]) if meta else 0
+        if not args.skip_pair:
+            print(f"(c) the paper's pair: {PAIR[0]} teacher (folded) at {args.pair_teacher_size}"
+                  f"px -> {PAIR[1]} student at {args.pair_student_size}px, live (both models "
+                  "step) vs replayed (stored teacher logits fed on the device; reading the "
+                  f"store is host I/O, not timed), {args.windows} windows x {args.steps} steps "
+                  "after a warm-up window", flush=True)
+            run_pair(args, report)
         if not args.skip_throughput:
             print(f"(b) Distiller step: BiT-R101x1 teacher -> BiT-R50x1 student, "
                   f"{args.size}px, fit on a device-resident batch, {args.windows} windows x "
@@ -502,18 +643,21 @@ def main(argv: list[str] | None = None) -> int:
                 check_parity(args, report, workdir, meta, arch)
     # A part fails when it ran and disagreed, or was asked for and gave nothing
     # (parity where torch/timm are not installed, the CPU smoke run, is not run).
-    parity, throughput = report.data["parity"], report.data["throughput"]
+    parity, throughput, pair = (report.data[k] for k in ("parity", "throughput", "pair"))
     parity_ok = all(row["ok"] for row in parity) and bool(
         parity or args.skip_parity or report.data.get("parity_unavailable"))
     finite = all(row["finite"] for row in throughput) and bool(
         throughput or args.skip_throughput)
-    report.data["ok"] = bool(parity_ok and finite and not tf_imported)
+    pair_finite = all(row["finite"] for row in pair) and bool(pair or args.skip_pair)
+    report.data["ok"] = bool(parity_ok and finite and pair_finite and not tf_imported)
     report.write()
     parity_word = ("not run" if not parity else "OK" if parity_ok else "MISMATCH")
     print(f"summary: {'OK' if report.data['ok'] else 'FAILED'}; parity {parity_word} "
           f"({len(parity)} models); throughput losses "
           f"{'finite' if finite else 'NOT finite or missing'} ({len(throughput)} configs); "
-          f"bf16 speedup by batch {report.data.get('bf16_speedup', {})}; "
+          f"bf16 speedup by batch {report.data.get('bf16_speedup', {})}; pair losses "
+          f"{'finite' if pair_finite else 'NOT finite or missing'} ({len(pair)} configs), "
+          f"teacher share {report.data.get('pair_teacher_share', {})}; "
           f"{len(report.data['skipped'])} skipped; TensorFlow imported by funmatch_keras: "
           f"{tf_imported}; {report.elapsed():.0f}s"
           + (f"; JSON: {args.out}" if args.out else ""), flush=True)

@@ -12,15 +12,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _last_json_line(args: list[str], tmp_path) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+def _run_script(args: list[str], tmp_path, **env: str) -> str:
+    """Runs `python *args` in `tmp_path`; returns its stdout, after checking it succeeded."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT, **env)
     result = subprocess.run(
         [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert lines, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _last_json_line(args: list[str], tmp_path) -> dict:
+    stdout = _run_script(args, tmp_path)
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines, "the script printed nothing"
     return json.loads(lines[-1])
 
 
@@ -207,3 +213,38 @@ def test_sweep_benchmark_small_models(tmp_path):
     assert report["stored_bytes_per_step"] >= report["bytes_per_step"]
     assert report["max_abs_weight_diff"] <= report["rerun_max_abs_weight_diff"]
     assert len(report["replayed_runs_s"]) == len(report["live_runs_s"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # 7-9 min on 2 shared cores, mostly XLA compiling BiT-R152x2 (pytest -m heavy)
+def test_gpu_check_quick_times_the_papers_pair(tmp_path):
+    # The CPU smoke of the GPU check (JAX backend; timm parity skipped): parts (b) and (c).
+    out = tmp_path / "gpu_check.json"
+    stdout = _run_script(
+        [os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--quick", "--skip-parity",
+         "--out", str(out)], tmp_path, KERAS_BACKEND="jax")
+    report = json.loads(out.read_text())
+    assert report["ok"] is True and stdout.splitlines()[-1].startswith("summary: OK")
+    assert report["tensorflow_imported_by_funmatch_keras"] is False
+    assert report["environment"]["backend"] == "jax" and report["skipped"] == []
+    assert {(r["batch"], r["policy"]) for r in report["throughput"]} == {
+        (4, "float32"), (4, "mixed_bfloat16")}
+    rows = report["pair"]
+    assert [(r["batch"], r["policy"]) for r in rows] == [
+        (2, "float32"), (2, "mixed_bfloat16")]
+    for row in rows:
+        assert (row["teacher"], row["teacher_size"]) == ("bit_r152x2", 48)
+        assert (row["student"], row["student_size"]) == ("bit_r50x1", 32)
+        live, replayed = row["live"], row["replayed"]
+        for timing in (live, replayed):
+            # A warm-up window and 2 timed ones, each ending on a finite loss.
+            assert len(timing["losses"]) == 3 and timing["finite"]
+            assert all(0 < loss < float("inf") for loss in timing["losses"])
+            assert len(timing["window_step_ms"]) == 2
+            assert timing["median_step_ms"] > 0
+            assert timing["images_per_s"] == pytest.approx(2e3 / timing["median_step_ms"])
+        ratio = replayed["median_step_ms"] / live["median_step_ms"]
+        assert row["replay_over_live"] == pytest.approx(ratio)
+        assert row["teacher_share"] == pytest.approx(1.0 - ratio)
+        key = f"{row['policy']} batch 2"
+        assert report["pair_teacher_share"][key] == pytest.approx(1.0 - ratio, abs=5e-4)
