@@ -124,15 +124,19 @@ def encode_logits(logits: np.ndarray, encoding: str) -> np.ndarray:
         rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
         return np.where(np.isnan(logits), (bits >> 16) | 0x40, rounded).astype(np.uint16)
     classes = logits.shape[-1]
-    order = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+    # The K largest by partition (no sort of all C logits), then in
+    # descending order, ties by class: the same logits always give the same bytes.
+    chosen = np.sort(np.argpartition(-logits, k - 1, axis=-1)[..., :k], axis=-1)
+    by_value = np.argsort(-np.take_along_axis(logits, chosen, -1), axis=-1, kind="stable")
+    order = np.take_along_axis(chosen, by_value, axis=-1)
     top = np.take_along_axis(logits, order, axis=-1)
-    rest = logits.astype(np.float64)
+    rest = logits.copy()
     np.put_along_axis(rest, order, -np.inf, axis=-1)
     high = np.max(rest, axis=-1, keepdims=True)
     high = np.where(np.isfinite(high), high, 0.0)
     with np.errstate(divide="ignore"):  # every other logit -inf: the tail is -inf
-        tail = high + np.log(np.sum(np.exp(rest - high), axis=-1, keepdims=True))
-    tail -= np.log(classes - k)
+        total = np.sum(np.exp(rest - high), axis=-1, keepdims=True, dtype=np.float64)
+        tail = high + np.log(total) - np.log(classes - k)
     return np.concatenate([top, order.astype(np.float32), tail.astype(np.float32)], axis=-1)
 
 
