@@ -124,8 +124,8 @@ def encode_logits(logits: np.ndarray, encoding: str) -> np.ndarray:
         rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
         return np.where(np.isnan(logits), (bits >> 16) | 0x40, rounded).astype(np.uint16)
     classes = logits.shape[-1]
-    # The K largest by partition (no sort of all C logits), then in
-    # descending order, ties by class: the same logits always give the same bytes.
+    # The K largest by partition (no sort of all C logits), then in descending
+    # order, equal logits by class: the same logits give the same bytes.
     chosen = np.sort(np.argpartition(-logits, k - 1, axis=-1)[..., :k], axis=-1)
     by_value = np.argsort(-np.take_along_axis(logits, chosen, -1), axis=-1, kind="stable")
     order = np.take_along_axis(chosen, by_value, axis=-1)
