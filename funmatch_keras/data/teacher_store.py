@@ -50,13 +50,12 @@ from absl import logging
 
 from funmatch_keras import atomic
 from funmatch_keras.distiller import STUDENT_KEY, TEACHER_LOGITS_KEY
-from funmatch_keras.recipe import STORE_ENCODINGS, store_encoding_k
+from funmatch_keras.recipe import store_encoding_k
 
 FORMAT_VERSION = 1
 META_FILE = "store.json"
 # 64 steps of Flowers102's batch 512 x 102 classes: 13 MB a chunk in float32.
 DEFAULT_STEPS_PER_CHUNK = 64
-ENCODINGS = STORE_ENCODINGS  # "top<K>" stands for top1, top2, ...
 _CHUNK = re.compile(r"^chunk-(\d{7})-([0-9a-f]{64})\.npy$")
 _WAIT_S = 0.2  # polling interval for a chunk another process computes
 
