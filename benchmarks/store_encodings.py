@@ -23,7 +23,7 @@ error does to the student.
 
 Usage:
     python benchmarks/store_encodings.py --quick   # 1 teacher epoch, 1-epoch students: ~20 s
-    python benchmarks/store_encodings.py           # 20 teacher epochs, 30-epoch students
+    python benchmarks/store_encodings.py           # 20 teacher epochs, 60-epoch students
 
 The machine line comes first; the last line is one JSON object.
 """
@@ -122,8 +122,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="1 teacher epoch, 1-epoch students, no XLA")
     parser.add_argument("--teacher-epochs", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=30,
-                        help="epochs of the recorded run (the students' schedule)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of the recorded run, the students' schedule "
+                        "(default: the digits config's 60)")
     parser.add_argument("--encodings", default="float16,bfloat16,top1,top3,top5")
     parser.add_argument("--no-students", action="store_true",
                         help="measure the logits only, distill no student")
@@ -136,9 +137,10 @@ def main() -> None:
     print(common.machine_line(), flush=True)
     tf.config.experimental.enable_op_determinism()
 
-    config = configs.apply_overrides(configs.load_config("digits"),
-                                     {"teacher_epochs": str(args.teacher_epochs),
-                                      "epochs": str(args.epochs)})
+    overrides = {"teacher_epochs": str(args.teacher_epochs)}
+    if args.epochs:
+        overrides["epochs"] = str(args.epochs)
+    config = configs.apply_overrides(configs.load_config("digits"), overrides)
     configs.validate(config)
     workdir = args.workdir or tempfile.mkdtemp(prefix="store_encodings_")
     source, test_source = digits_source("train"), digits_source("test")
@@ -158,7 +160,7 @@ def main() -> None:
                                                                   start_step=step))
 
     steps_per_epoch = build.steps_per_epoch(config, source)
-    steps = steps_per_epoch * args.epochs
+    steps = steps_per_epoch * config.epochs
     compute = teacher_function(Distiller(teacher, build.student(config, classes)))
     start = time.time()
     batches = iter(make_dataset(0))
@@ -182,8 +184,8 @@ def main() -> None:
         row = {"encoding": encoding, "bytes_per_step": config.batch_size * width * dtype.itemsize,
                "stored_bytes_per_step": round(stored / steps, 1), **compare(reference, decoded)}
         if not args.no_students:
-            row.update(distill(store, teacher, config, make_dataset, steps_per_epoch, args.epochs,
-                               initial, (images, labels, teacher_classes), jit))
+            row.update(distill(store, teacher, config, make_dataset, steps_per_epoch,
+                               config.epochs, initial, (images, labels, teacher_classes), jit))
         rows.append(row)
         print(f"{encoding:>9}: {row['bytes_per_step']:>6} B/step, KL mean/max T=1 "
               f"{row['kl_mean_t1']:.2e}/{row['kl_max_t1']:.2e}, T=10 {row['kl_mean_t10']:.2e}/"
@@ -199,7 +201,7 @@ def main() -> None:
         "student": config.student, "mode": config.mode, "batch": config.batch_size,
         "classes": classes, "steps": steps, "examples": steps * config.batch_size,
         "temperatures": list(TEMPERATURES), "students": not args.no_students,
-        "student_epochs": None if args.no_students else args.epochs, "jit_compile": jit,
+        "epochs": config.epochs, "jit_compile": jit,
         "encodings": rows, "machine": common.machine(),
     })
 
