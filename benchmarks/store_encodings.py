@@ -22,8 +22,8 @@ are reported (`student_test_top1`, `student_agreement`): what the encoding's
 error does to the student.
 
 Usage:
-    python benchmarks/store_encodings.py --quick   # 1 teacher epoch, 1-epoch students: ~20 s
-    python benchmarks/store_encodings.py           # 20 teacher epochs, 60-epoch students
+    python benchmarks/store_encodings.py --quick   # 1 teacher epoch, 1-epoch students: ~40 s
+    python benchmarks/store_encodings.py           # 20 teacher epochs, 60-epoch students: 9 min
 
 The machine line comes first; the last line is one JSON object.
 """
