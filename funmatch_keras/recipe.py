@@ -1,4 +1,4 @@
-"""The paper's named choices: teaching modes and dataset presets.
+"""The paper's named choices: teaching modes, dataset presets, teacher store encodings.
 
 Plain Python data, importable without TensorFlow or Keras (configs read it to
 validate fields). `funmatch_keras.data.pipelines` implements the modes and
@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 
 # Sec. 3: how the teacher and the student see each image.
 MODES = ("function_matching", "consistent", "independent", "fixed_teacher")
@@ -59,3 +60,31 @@ def split_names(preset: str) -> dict[str, str]:
             f"Unknown preset. Expected one of {sorted(PRESETS)}. Received: {preset=}"
         )
     return {role: getattr(PRESETS[preset], role) for role in SPLIT_ROLES}
+
+
+# How a teacher store (`data.teacher_store`) keeps the logits: float32 exactly,
+# rounded to 16 bits, or each example's K largest logits and one tail value
+# ("top<K>", TinyViT's choice).
+STORE_ENCODINGS = ("float32", "float16", "bfloat16", "top<K>")
+_TOP_K = re.compile(r"top([1-9][0-9]*)")
+
+
+def store_encoding_k(encoding: str) -> int | None:
+    """K of a `"top<K>"` teacher store encoding; None for float32, float16, bfloat16.
+
+    Raises:
+        ValueError: neither form (K < 1 included); the message lists the valid forms.
+
+    Example:
+    >>> store_encoding_k("top5"), store_encoding_k("bfloat16")
+    (5, None)
+    """
+    if encoding in STORE_ENCODINGS[:-1]:
+        return None
+    match = _TOP_K.fullmatch(encoding) if isinstance(encoding, str) else None
+    if match is None:
+        raise ValueError(
+            f"Unknown teacher store encoding {encoding!r}. Valid: 'float32' (exact, the "
+            "default), 'float16', 'bfloat16', or 'top<K>' with K >= 1 (each example's K "
+            "largest logits, e.g. 'top5').")
+    return int(match.group(1))

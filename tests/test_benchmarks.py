@@ -248,3 +248,26 @@ def test_gpu_check_quick_times_the_papers_pair(tmp_path):
         assert row["teacher_share"] == pytest.approx(1.0 - ratio)
         key = f"{row['policy']} batch 2"
         assert report["pair_teacher_share"][key] == pytest.approx(1.0 - ratio, abs=5e-4)
+
+
+@pytest.mark.slow
+def test_store_encodings_benchmark_quick(tmp_path):
+    # --quick with two encodings: their stores, the KL against float32's, a student each.
+    report = _last_json_line(
+        [os.path.join(ROOT, "benchmarks", "store_encodings.py"), "--quick", "--encodings",
+         "bfloat16,top2", "--workdir", str(tmp_path)], tmp_path)
+    assert report["quick"] is True and report["classes"] == 10 and report["students"] is True
+    rows = {row["encoding"]: row for row in report["encodings"]}
+    assert list(rows) == ["float32", "bfloat16", "top2"]
+    for row in rows.values():
+        for key in ("stored_bytes_per_step", "kl_mean_t1", "kl_max_t1", "kl_mean_t10",
+                    "kl_max_t10", "agreement", "max_abs_logit_diff", "student_test_top1",
+                    "student_agreement"):
+            assert key in row, (row["encoding"], key)
+        assert 0.0 <= row["agreement"] <= 1.0 and 0.0 <= row["student_agreement"] <= 1.0
+    batch = report["batch"]  # bytes per example: 4 C, 2 C, 4 (2K + 1)
+    assert [row["bytes_per_step"] for row in rows.values()] == [
+        batch * 4 * 10, batch * 2 * 10, batch * 4 * 5]
+    # float32 is the reference itself: read back exactly.
+    assert rows["float32"]["kl_max_t1"] == 0.0 and rows["float32"]["max_abs_logit_diff"] == 0.0
+    assert "cpu_flags" in report["machine"]

@@ -33,3 +33,11 @@ def test_import_loads_neither_tensorflow_nor_keras():
     result = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_store_encodings_parse_k_for_top_k_only():
+    assert [recipe.store_encoding_k(e) for e in ("float32", "float16", "bfloat16")] == [None] * 3
+    assert recipe.store_encoding_k("top1") == 1 and recipe.store_encoding_k("top128") == 128
+    for wrong in ("top0", "top05", "Top5", "top5 ", "float", None):
+        with pytest.raises(ValueError, match=r"'top<K>' with K >= 1"):
+            recipe.store_encoding_k(wrong)

@@ -103,6 +103,7 @@ def for_config(config: Any, distiller: Any, train_source: Any, num_classes: int,
                                  num_workers)
     store = TeacherStore.open(directory, current, num_classes=num_classes,
                               batch_size=config.batch_size,
+                              encoding=config.teacher_store_encoding,
                               extra={"teacher_path": path.to_dict()})
     return store, distiller, info
 

@@ -35,7 +35,7 @@ from funmatch_keras.configs.teachers import (
     teacher_sizes,
     teacher_specs,
 )
-from funmatch_keras.recipe import DIGITS, SPLIT_ROLES
+from funmatch_keras.recipe import DIGITS, SPLIT_ROLES, store_encoding_k
 
 __all__ = [
     "TeacherSpec",
@@ -236,6 +236,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(0 < config.teacher_agreement_min <= 1, "must be in (0, 1]", "teacher_agreement_min")
     check(_positive_int(config.teacher_agreement_images), "must be a positive int",
           "teacher_agreement_images")
+    try:
+        store_encoding_k(config.teacher_store_encoding)
+    except ValueError as error:
+        errors.append(f"teacher_store_encoding: {error}")
     check_teachers(config, check, _positive_int)
     if errors:
         raise ValueError("Invalid config:\n  " + "\n  ".join(errors))

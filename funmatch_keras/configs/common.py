@@ -96,6 +96,12 @@ FIELDS: dict[str, Field] = {
         "runs with the same data, seed, batch and teachers compute the teacher once. "
         "None: the teacher runs at every step.",
     ),
+    "teacher_store_encoding": Field(
+        "float32", (str,),
+        "How a new teacher store keeps the logits: 'float32' (exact), 'float16', "
+        "'bfloat16' (half the disk), or 'top<K>' (each example's K largest logits and one "
+        "tail value, 4 * (2K + 1) bytes; e.g. 'top5'). An existing store's must match.",
+    ),
     # -- student --
     "student": Field("bit_r50x1", (str,), "Student model spec for `models.build`."),
     "student_weights": Field(None, (str, NoneType), "Initial student weights, or None."),

@@ -3,17 +3,21 @@
 With one data seed, every run of a sweep (over lr, wd, T, or students) feeds its
 teacher the same images at each global step: the same crops, flips and mixup
 partners (`data.train_pipeline` is seeded and resumes exactly). A store records
-the teacher's float32 logits of step k once; every later run that shares the
-fingerprint replays them as `{"student": x, "teacher_logits": l}` batches and
+the teacher's logits of step k once (float32 by default, exactly; or a cheaper
+encoding, see `encode_logits`); every later run that shares the fingerprint
+and the encoding replays them as `{"student": x, "teacher_logits": l}` batches and
 never runs the teacher in its step.
 
 Layout of the directory:
 - `store.json`: format version, fingerprint, encoding, steps per chunk, classes,
   and the teacher compute path the logits were computed on;
 - `chunk-<k>-<sha256>.npy`: the logits of global steps `[k*C, k*C + rows)`
-  (`C` steps per chunk), an array `[rows, batch, classes]` written atomically,
-  named by the sha256 of its bytes. A chunk whose bytes do not match its name
-  is never read: it is recomputed and rewritten, with a warning;
+  (`C` steps per chunk) in the store's encoding (`encode_logits`): an array
+  `[rows, batch, classes]` (float32, float16, or bfloat16 as uint16 bits) or,
+  for `"top<K>"`, `[rows, batch, 2K + 1]`; written atomically, named by the
+  sha256 of its bytes. A chunk whose bytes do not match its name is never
+  read: it is recomputed and rewritten, with a warning. Reading decodes it
+  to float32 `[rows, batch, classes]` (`decode_logits`);
 - `chunk-<k>.claim`: held (O_EXCL) by the process computing chunk k, so that
   processes sharing a store compute each chunk once; a claim whose process
   died is taken over.
@@ -46,18 +50,127 @@ from absl import logging
 
 from funmatch_keras import atomic
 from funmatch_keras.distiller import STUDENT_KEY, TEACHER_LOGITS_KEY
+from funmatch_keras.recipe import store_encoding_k
 
 FORMAT_VERSION = 1
 META_FILE = "store.json"
 # 64 steps of Flowers102's batch 512 x 102 classes: 13 MB a chunk in float32.
 DEFAULT_STEPS_PER_CHUNK = 64
-ENCODINGS = ("float32", "float16")
 _CHUNK = re.compile(r"^chunk-(\d{7})-([0-9a-f]{64})\.npy$")
 _WAIT_S = 0.2  # polling interval for a chunk another process computes
 
 
 class StoreMismatchError(ValueError):
-    """The store was recorded for other teacher outputs (its fingerprint differs)."""
+    """The store was recorded for other teacher outputs (its fingerprint differs),
+    or in another encoding."""
+
+
+def check_encoding(encoding: str, num_classes: int) -> int | None:
+    """Validates a store encoding for `num_classes` logits; returns its K (None: a float one).
+
+    >>> check_encoding("top5", 10), check_encoding("float16", 10)
+    (5, None)
+    """
+    k = store_encoding_k(encoding)
+    if k is not None and k >= num_classes:
+        raise ValueError(
+            f"The teacher store encoding {encoding!r} keeps {k} logits per example, but "
+            f"there are {num_classes} classes: K must be below {num_classes}. Use a smaller "
+            "K, or 'float32' (exact) to keep every logit.")
+    return k
+
+
+def encode_logits(logits: np.ndarray, encoding: str) -> np.ndarray:
+    """Float32 logits `[..., classes]` as a store chunk holds them in `encoding`.
+
+    - `"float32"`: unchanged, exact (the default);
+    - `"float16"`: rounded to nearest even (|logit| <= 65504, else refused);
+    - `"bfloat16"`: rounded to nearest even to 8 significant bits, stored as
+      the upper 16 bits of the float32 (uint16: `.npy` has no bfloat16);
+    - `"top<K>"`: float32 `[..., 2K + 1]`: each example's K largest logits
+      (in descending order), their class indices (exact in float32 below 2^24
+      classes), and one tail value `t = logsumexp(other logits) - log(C - K)`.
+
+    `decode_logits` puts the K logits back at their classes and `t` at every
+    other class. So softmax at T=1 of the decoded logits gives exactly the
+    top-K probabilities and the same total tail mass (spread evenly over the
+    other classes); at other temperatures the tail's mass is approximate.
+
+    Example (the tail: log((1 + e + 1) / 3)):
+    >>> z = np.array([[2.0, 0.0, 1.0, 0.0]], np.float32)
+    >>> encode_logits(z, "top1").round(4)
+    array([[2.    , 0.    , 0.4528]], dtype=float32)
+    >>> decode_logits(encode_logits(z, "top1"), "top1", 4).round(4)
+    array([[2.    , 0.4528, 0.4528, 0.4528]], dtype=float32)
+    """
+    logits = np.asarray(logits, np.float32)
+    k = check_encoding(encoding, logits.shape[-1])
+    if encoding == "float32":
+        return logits
+    if encoding == "float16":
+        with np.errstate(over="ignore"):
+            encoded = logits.astype(np.float16)
+        overflow = np.isinf(encoded) & np.isfinite(logits)
+        if overflow.any():
+            raise ValueError(
+                f"Teacher logits up to {np.max(np.abs(logits[overflow])):g} are beyond "
+                "float16's range (65504): use the 'bfloat16' or 'float32' encoding.")
+        return encoded
+    if encoding == "bfloat16":
+        bits = np.ascontiguousarray(logits).view(np.uint32)
+        # Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit,
+        # then drop the lower 16 bits. A NaN keeps its sign and stays a NaN.
+        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
+        return np.where(np.isnan(logits), (bits >> 16) | 0x40, rounded).astype(np.uint16)
+    classes = logits.shape[-1]
+    # The K largest by partition (no sort of all C logits), then in descending
+    # order, equal logits by class: the same logits give the same bytes.
+    chosen = np.sort(np.argpartition(-logits, k - 1, axis=-1)[..., :k], axis=-1)
+    by_value = np.argsort(-np.take_along_axis(logits, chosen, -1), axis=-1, kind="stable")
+    order = np.take_along_axis(chosen, by_value, axis=-1)
+    top = np.take_along_axis(logits, order, axis=-1)
+    rest = logits.copy()
+    np.put_along_axis(rest, order, -np.inf, axis=-1)
+    high = np.max(rest, axis=-1, keepdims=True)
+    high = np.where(np.isfinite(high), high, 0.0)
+    with np.errstate(divide="ignore"):  # every other logit -inf: the tail is -inf
+        total = np.sum(np.exp(rest - high), axis=-1, keepdims=True, dtype=np.float64)
+        tail = high + np.log(total) - np.log(classes - k)
+    return np.concatenate([top, order.astype(np.float32), tail.astype(np.float32)], axis=-1)
+
+
+def decode_logits(encoded: np.ndarray, encoding: str, num_classes: int) -> np.ndarray:
+    """Float32 logits `[..., num_classes]` from `encode_logits(logits, encoding)`.
+
+    >>> z = np.array([[1.0, -2.0, 3.0]], np.float32)
+    >>> decode_logits(encode_logits(z, "bfloat16"), "bfloat16", 3)
+    array([[ 1., -2.,  3.]], dtype=float32)
+    """
+    k = check_encoding(encoding, num_classes)
+    encoded = np.asarray(encoded)
+    if encoding == "bfloat16":
+        return (encoded.astype(np.uint32) << 16).view(np.float32)
+    if k is None:
+        return encoded.astype(np.float32)
+    index = encoded[..., k:2 * k].astype(np.int64)
+    logits = np.repeat(encoded[..., 2 * k:], num_classes, axis=-1).astype(np.float32)
+    np.put_along_axis(logits, index, encoded[..., :k].astype(np.float32), axis=-1)
+    return logits
+
+
+def encoded_layout(encoding: str, num_classes: int) -> tuple[np.dtype, int]:
+    """The dtype and last dimension of a chunk's array in `encoding`.
+
+    Bytes per example: `dtype.itemsize * width`, e.g. 4 * (2K + 1) for top-K.
+
+    >>> encoded_layout("top5", 1000), encoded_layout("bfloat16", 1000)
+    ((dtype('float32'), 11), (dtype('uint16'), 1000))
+    """
+    k = check_encoding(encoding, num_classes)
+    if k is not None:
+        return np.dtype(np.float32), 2 * k + 1
+    dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[encoding]
+    return np.dtype(dtype), num_classes
 
 
 def weights_digest(model: keras.Model) -> str:
@@ -123,6 +236,7 @@ class TeacherStore:
         self.batch_size = int(meta["batch_size"])
         self.num_classes = int(meta["num_classes"])
         self.encoding = meta["encoding"]
+        self._dtype, self._width = encoded_layout(self.encoding, self.num_classes)
 
     @classmethod
     def open(cls, directory: str, fingerprint: dict[str, Any], *, num_classes: int,
@@ -137,15 +251,16 @@ class TeacherStore:
             batch_size: int. Global batch size (rows of one step's logits).
             steps_per_chunk: int. Steps per chunk file, for a new store.
                 Defaults to `DEFAULT_STEPS_PER_CHUNK`.
-            encoding: str. One of `ENCODINGS`, for a new store.
+            encoding: str. How chunks keep the logits (`encode_logits`):
+                "float32" (exact), "float16", "bfloat16" or "top<K>". A store
+                keeps the encoding it was created with; another is refused.
             extra: dict. More to record in a new store (e.g. its teacher path).
 
         Raises:
-            StoreMismatchError: the store holds another fingerprint; the
-                message names the differing fields.
+            StoreMismatchError: the store holds another fingerprint (the
+                message names the differing fields) or another encoding.
         """
-        if encoding not in ENCODINGS:
-            raise ValueError(f"Unknown teacher store encoding {encoding!r}: one of {ENCODINGS}.")
+        check_encoding(encoding, num_classes)
         path = os.path.join(directory, META_FILE)
         if not os.path.exists(path):
             if os.path.isdir(directory) and any(_CHUNK.match(n) for n in os.listdir(directory)):
@@ -178,6 +293,12 @@ class TeacherStore:
             raise ValueError(f"The teacher store {directory!r} has format version "
                              f"{meta.get('format_version')}; this version reads "
                              f"{FORMAT_VERSION}. Use a new directory.")
+        if meta["encoding"] != encoding:
+            raise StoreMismatchError(
+                f"The teacher store {directory!r} holds {meta['encoding']!r} logits, and this "
+                f"run asks for {encoding!r}. Replay it with its encoding "
+                f"(--config.teacher_store_encoding={meta['encoding']}), or record "
+                f"{encoding!r} in another --config.teacher_store directory.")
         diff = differences(meta["fingerprint"], fingerprint)
         diff += [f"{name}: {meta[name]} -> {value}" for name, value in
                  (("num_classes", num_classes), ("batch_size", batch_size))
@@ -202,7 +323,7 @@ class TeacherStore:
                       if name.startswith(prefix) and _CHUNK.match(name))
 
     def read_chunk(self, chunk: int, min_rows: int = 0) -> np.ndarray | None:
-        """Chunk `chunk`'s float32 logits `[rows, batch, classes]`, or None.
+        """Chunk `chunk`'s logits, decoded to float32 `[rows, batch, classes]`, or None.
 
         None when the chunk is absent, holds fewer than `min_rows` steps, or
         fails its checksum (then it is deleted, with a warning: it is never fed
@@ -227,22 +348,25 @@ class TeacherStore:
             logging.warning("The teacher store chunk %s is damaged (its sha256 does not "
                             "match its name): it is recomputed and rewritten.", path)
             return None
-        logits = np.load(io.BytesIO(raw), allow_pickle=False)
-        if logits.ndim != 3 or logits.shape[1:] != (self.batch_size, self.num_classes):
-            logging.warning("The teacher store chunk %s has shape %s, not [steps, %d, %d]: "
-                            "it is recomputed and rewritten.", path, logits.shape,
-                            self.batch_size, self.num_classes)
+        encoded = np.load(io.BytesIO(raw), allow_pickle=False)
+        if (encoded.ndim != 3 or encoded.shape[1:] != (self.batch_size, self._width)
+                or encoded.dtype != self._dtype):
+            logging.warning("The teacher store chunk %s holds %s %s, not %s [steps, %d, %d] "
+                            "(encoding %r): it is recomputed and rewritten.", path,
+                            encoded.dtype, encoded.shape, self._dtype, self.batch_size,
+                            self._width, self.encoding)
             return None
-        return logits.astype(np.float32)
+        return decode_logits(encoded, self.encoding, self.num_classes)
 
     def write_chunk(self, chunk: int, logits: np.ndarray) -> None:
-        """Writes chunk `chunk` (`[rows, batch, classes]`) atomically, named by its sha256."""
+        """Writes chunk `chunk` (float32 `[rows, batch, classes]`) in the store's
+        encoding, atomically, named by the sha256 of its bytes."""
         logits = np.asarray(logits)
         if logits.ndim != 3 or logits.shape[1:] != (self.batch_size, self.num_classes):
             raise ValueError(f"Expected teacher logits [steps, {self.batch_size}, "
                              f"{self.num_classes}]. Received: shape {logits.shape}")
         buffer = io.BytesIO()
-        np.save(buffer, logits.astype(self.encoding), allow_pickle=False)
+        np.save(buffer, encode_logits(logits, self.encoding), allow_pickle=False)
         raw = buffer.getvalue()
         name = f"chunk-{chunk:07d}-{hashlib.sha256(raw).hexdigest()}.npy"
         path = os.path.join(self.directory, name)

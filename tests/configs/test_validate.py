@@ -76,3 +76,14 @@ def test_split_fields_round_trip_and_older_configs_lack_them(smoke_config):
     config = smoke_config(dataset="pets37", train_split="train[:80%]")
     assert configs.from_json(configs.to_json(config)).train_split == "train[:80%]"
     assert configs.from_json('{"dataset": "pets37"}').test_split is None
+
+
+def test_teacher_store_encoding_takes_the_four_forms_and_refuses_a_typo(smoke_config):
+    assert configs.load_config("digits").teacher_store_encoding == "float32"
+    for encoding in ("float32", "float16", "bfloat16", "top1", "top10"):
+        configs.validate(smoke_config(teacher_store_encoding=encoding))
+    for typo in ("flaot16", "top", "top0", "top-5", "bf16"):
+        with pytest.raises(ValueError, match=rf"teacher_store_encoding: Unknown teacher store "
+                                             rf"encoding '{typo}'\. Valid: 'float32'.*'float16', "
+                                             r"'bfloat16', or 'top<K>'"):
+            configs.validate(smoke_config(teacher_store_encoding=typo))

@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,12 @@ from funmatch_keras.app import distill as train
 from funmatch_keras.app import teacher_store as teacher_store_run
 from funmatch_keras.data import pipelines as data
 from funmatch_keras.data import sources
-from funmatch_keras.data.teacher_store import StoreMismatchError, TeacherStore
+from funmatch_keras.data.teacher_store import (
+    StoreMismatchError,
+    TeacherStore,
+    decode_logits,
+    encode_logits,
+)
 from funmatch_keras.distiller import Distiller
 
 
@@ -118,6 +124,163 @@ def test_replay_recomputes_a_chunk_damaged_after_the_fill(tmp_path):
     steps = [float(b["teacher_logits"][0, 0]) for b in
              store.replay(make_dataset(0), 0, 8, recompute)]
     assert steps == [s + 1.0 for s in range(8)] and redone == [1]
+
+
+def _round_trip(logits, encoding):
+    return decode_logits(encode_logits(logits, encoding), encoding, logits.shape[-1])
+
+
+def _spread_logits(shape, seed=0):
+    """Logits over many binades (1e-4 to 1e3), both signs, plus zeros."""
+    rng = np.random.default_rng(seed)
+    values = rng.choice([-1.0, 1.0], shape) * 10.0 ** rng.uniform(-4, 3, shape)
+    values.flat[:3] = [0.0, -0.0, 1.0]
+    return values.astype(np.float32)
+
+
+def test_float32_encoding_is_bit_exact_through_a_store(tmp_path):
+    logits = _spread_logits([4, 2, 3])
+    store = _store(tmp_path, encoding="float32")
+    store.write_chunk(0, logits)
+    np.testing.assert_array_equal(store.read_chunk(0).view(np.uint32), logits.view(np.uint32))
+
+
+# Rounding to nearest keeps p significant bits (the implicit one included): a
+# normal x in [2^e, 2^(e+1)) is on a grid of spacing 2^(e-p+1), so its error is at
+# most half of that, 2^(e-p) <= 2^-p * |x|. float16 has p = 11, bfloat16 p = 8.
+# float16's subnormals (|x| < 2^-14) have a fixed spacing 2^-24: error <= 2^-25.
+@pytest.mark.parametrize("encoding, p, subnormal_error", [("float16", 11, 2.0 ** -25),
+                                                          ("bfloat16", 8, 0.0)])
+def test_16_bit_encodings_round_within_half_an_ulp(tmp_path, encoding, p, subnormal_error):
+    logits = _spread_logits([4, 2, 500])
+    store = _store(tmp_path, num_classes=500, encoding=encoding)
+    store.write_chunk(0, logits)
+    decoded = store.read_chunk(0)
+    assert decoded.dtype == np.float32 and decoded.shape == logits.shape
+    error = np.abs(decoded.astype(np.float64) - logits)
+    bound = 2.0 ** -p * np.abs(logits.astype(np.float64)) + subnormal_error
+    assert np.all(error <= bound)
+    # Rounding, not truncation: truncation errs up to twice the bound.
+    normal = np.abs(logits) >= 2.0 ** -14
+    assert np.max(error[normal] / np.abs(logits[normal])) > 0.9 * 2.0 ** -p
+
+
+def test_bfloat16_equals_tensorflows_cast_bit_for_bit():
+    f32 = np.finfo(np.float32)
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F807FFF, 0x3F808001],
+                    np.uint32).view(np.float32)  # halfway with even / odd kept bits
+    special = np.array([np.inf, -np.inf, f32.max, -f32.max, f32.tiny, f32.tiny / 3, 1e-45,
+                        -0.0, 0.0, 65504.0, 3.0e38], np.float32)
+    logits = np.concatenate([_spread_logits([2000]), ties, special])
+    ours = _round_trip(logits, "bfloat16")
+    tf_cast = tf.cast(tf.cast(logits, tf.bfloat16), tf.float32).numpy()
+    np.testing.assert_array_equal(ours.view(np.uint32), tf_cast.view(np.uint32))
+    nan = np.array([np.nan, -np.nan], np.float32)
+    assert np.all(np.isnan(_round_trip(nan, "bfloat16")))
+    # Stored as the float32's upper 16 bits, in a plain .npy.
+    assert encode_logits(np.float32([1.0]), "bfloat16").tolist() == [0x3F80]
+
+
+def test_float16_refuses_logits_beyond_its_range():
+    with pytest.raises(ValueError, match=r"beyond float16's range.*'bfloat16' or 'float32'"):
+        encode_logits(np.float32([[1.0, 7e4]]), "float16")
+
+
+def test_top_k_keeps_k_logits_and_one_tail_value_on_a_hand_made_example():
+    z = np.array([[3.0, -1.0, 0.5, 2.0, -2.0]], np.float32)
+    decoded = _round_trip(z, "top2")
+    # The others' logsumexp, spread over the 3 other classes.
+    tail = math.log((math.exp(-1.0) + math.exp(0.5) + math.exp(-2.0)) / 3)
+    assert decoded[0, 0] == 3.0 and decoded[0, 3] == 2.0  # exactly
+    np.testing.assert_allclose(decoded[0, [1, 2, 4]], [tail] * 3, rtol=1e-6)
+    # At T=1 the top-2 probabilities and the tail's total mass are the original's.
+    p, q = _softmax(z, 1.0), _softmax(decoded, 1.0)
+    np.testing.assert_allclose(q[0, [0, 3]], p[0, [0, 3]], rtol=1e-6)
+    np.testing.assert_allclose(q[0, [1, 2, 4]].sum(), p[0, [1, 2, 4]].sum(), rtol=1e-6)
+    # At T=10 the tail is an approximation (Jensen: the evened-out tail weighs more).
+    p10, q10 = _softmax(z, 10.0), _softmax(decoded, 10.0)
+    assert q10[0, [1, 2, 4]].sum() > p10[0, [1, 2, 4]].sum() + 1e-3
+    # Kept logits in descending order, equal ones by class.
+    ties = encode_logits(np.array([[0.0, 1.0, 1.0, 1.0, 3.0]], np.float32), "top3")
+    assert ties[0, :4].tolist() == [3.0, 1.0, 1.0, 4.0]
+    assert ties[0, 4] < ties[0, 5] and {ties[0, 4], ties[0, 5]} < {1.0, 2.0, 3.0}
+
+
+def test_top_k_on_random_logits_keeps_the_top_probabilities_at_t1(tmp_path):
+    logits = (3 * np.random.default_rng(1).normal(size=[4, 2, 10])).astype(np.float32)
+    store = _store(tmp_path, num_classes=10, encoding="top3")
+    store.write_chunk(0, logits)
+    decoded = store.read_chunk(0)
+    top = np.argsort(-logits, axis=-1)[..., :3]
+    np.testing.assert_array_equal(np.take_along_axis(decoded, top, -1),
+                                  np.take_along_axis(logits, top, -1))
+    p, q = _softmax(logits, 1.0), _softmax(decoded, 1.0)
+    np.testing.assert_allclose(np.take_along_axis(q, top, -1), np.take_along_axis(p, top, -1),
+                               rtol=1e-5)
+    tail_p = 1 - np.take_along_axis(p, top, -1).sum(-1)
+    tail_q = 1 - np.take_along_axis(q, top, -1).sum(-1)
+    np.testing.assert_allclose(tail_q, tail_p, rtol=1e-4, atol=1e-7)
+
+
+def _softmax(logits, temperature):
+    z = logits.astype(np.float64) / temperature
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("encoding", ["top0", "top3", "top10", "top-1", "topk", "top05",
+                                      "float64", "bf16"])
+def test_an_encoding_out_of_range_or_unknown_is_refused(tmp_path, encoding):
+    in_range = encoding in ("top3", "top10")
+    message = "K must be below 3" if in_range else r"Valid: 'float32'.*'top<K>'"
+    with pytest.raises(ValueError, match=message):
+        _store(tmp_path, encoding=encoding)
+    with pytest.raises(ValueError, match=message):
+        encode_logits(np.zeros([1, 3], np.float32), encoding)
+    assert not (tmp_path / "store.json").exists()
+
+
+def test_encoded_chunks_shrink_by_the_expected_factor(tmp_path):
+    classes, batch, rows = 200, 16, 4
+    logits = _spread_logits([rows, batch, classes])
+    sizes = {}
+    for encoding in ("float32", "float16", "bfloat16", "top5"):
+        store = _store(tmp_path / encoding, num_classes=classes, batch_size=batch,
+                       encoding=encoding)
+        store.write_chunk(0, logits)
+        [path] = (tmp_path / encoding).glob("chunk-*.npy")
+        sizes[encoding] = path.stat().st_size
+    # Bytes per example: 4 C, 2 C, 2 C, 4 (2K + 1); plus one .npy header each.
+    per_example = {"float32": 4 * classes, "float16": 2 * classes, "bfloat16": 2 * classes,
+                   "top5": 4 * 11}
+    for encoding, size in sizes.items():
+        assert 0 < size - rows * batch * per_example[encoding] <= 256, encoding
+    assert abs(sizes["float16"] / sizes["float32"] - 0.5) < 0.01
+    assert sizes["bfloat16"] == sizes["float16"]
+    assert abs(sizes["top5"] / sizes["float32"] - 11 / classes) < 0.01
+
+
+def test_a_float16_store_replays_the_decoded_logits(tmp_path):
+    store = _store(tmp_path, encoding="float16")
+
+    def make_dataset(step):
+        return tf.data.Dataset.range(step, 1000).map(
+            lambda s: tf.fill([2, 3], tf.cast(s, tf.float32)))
+
+    store.fill(lambda batch: batch / 3.0 + 0.1, make_dataset, 0, 6)
+    replayed = [b["teacher_logits"].numpy() for b in store.replay(make_dataset(0), 0, 6)]
+    exact = np.stack([np.full([2, 3], s / 3.0 + 0.1, np.float32) for s in range(6)])
+    np.testing.assert_array_equal(np.stack(replayed),
+                                  exact.astype(np.float16).astype(np.float32))
+    assert np.any(np.stack(replayed) != exact)  # float16 did round them
+
+
+def test_opening_a_store_with_another_encoding_is_refused_naming_both(tmp_path):
+    _store(tmp_path, encoding="bfloat16")
+    with pytest.raises(StoreMismatchError, match=r"holds 'bfloat16' logits.*asks for 'top2'"
+                                                 r".*teacher_store_encoding=bfloat16"):
+        _store(tmp_path, encoding="top2")
+    assert _store(tmp_path, encoding="bfloat16").encoding == "bfloat16"
 
 
 def test_fixed_teacher_and_multi_worker_are_refused_with_the_reason():
@@ -245,3 +408,15 @@ def test_mirrored_strategy_replays_what_it_recorded(tmp_path, teacher_file, two_
     diff = _max_diff(live, replayed)
     print(f"replayed vs live under MirroredStrategy: max |dw| {diff}")
     assert diff <= 1e-6, diff
+
+
+def test_the_configs_encoding_reaches_the_store_and_replay_must_match_it(tmp_path, teacher_file):
+    store = str(tmp_path / "store")
+    done = teacher_store_run.fill_for_config(
+        _config(teacher_file, teacher_store_encoding="top3"), store, steps="0:8", verbose=0)
+    assert done["chunks_missing"] == 0
+    assert teacher_store_run.recorded_meta(store)["encoding"] == "top3"
+    [chunk] = [n for n in os.listdir(store) if n.endswith(".npy")]
+    assert np.load(os.path.join(store, chunk), allow_pickle=False).shape == (8, 16, 7)
+    with pytest.raises(StoreMismatchError, match=r"holds 'top3'.*asks for 'float32'"):
+        train.run(_config(teacher_file, teacher_store=store), str(tmp_path / "run"), verbose=0)
