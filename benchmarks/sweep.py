@@ -61,8 +61,8 @@ def main() -> None:
     parser.add_argument("--teacher", default="bit_r152x2")
     parser.add_argument("--student", default="bit_r50x1")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     if args.quick:
         args.size, args.batch, args.steps = 64, 8, 10
