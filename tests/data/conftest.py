@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from funmatch_keras.data import file_sources
+from funmatch_keras.distiller import TEACHER_LOGITS_KEY, Distiller
 
 
 def arrays(n=10, h=20, w=24, seed=0):
@@ -94,3 +95,19 @@ def imgs() -> types.SimpleNamespace:
         write_tfrecords=write_tfrecords, write_image_folder=write_image_folder, take=take,
         check_images=check_images, written_ids=written_ids,
         constant_tfrecords=constant_tfrecords)
+
+
+@pytest.fixture
+def traced_steps_on_stored_logits(monkeypatch):
+    """For each training step `Distiller` traces from now on: whether its batch carried
+    stored teacher logits (True) or ran the teacher (False). Clear it to start over."""
+    traced = []
+    original = Distiller.compute_loss
+
+    def spy(self, x=None, *args, training=True, **kwargs):
+        if training:
+            traced.append(isinstance(x, dict) and TEACHER_LOGITS_KEY in x)
+        return original(self, x, *args, training=training, **kwargs)
+
+    monkeypatch.setattr(Distiller, "compute_loss", spy)
+    return traced

@@ -21,7 +21,6 @@ from funmatch_keras.data.teacher_store import (
     decode_logits,
     encode_logits,
 )
-from funmatch_keras.distiller import Distiller
 
 
 def _store(path, **kwargs):
@@ -334,7 +333,8 @@ def _max_diff(a, b):
 
 
 @pytest.mark.slow
-def test_a_replayed_run_ends_where_a_live_run_ends(tmp_path, teacher_file):
+def test_a_replayed_run_ends_where_a_live_run_ends(tmp_path, teacher_file,
+                                                  traced_steps_on_stored_logits):
     """32 steps of function matching: live, live again, recorded, replayed."""
     live = _config(teacher_file)
     train.run(live, str(tmp_path / "live"), verbose=0)
@@ -345,22 +345,12 @@ def test_a_replayed_run_ends_where_a_live_run_ends(tmp_path, teacher_file):
     meta = teacher_store_run.recorded_meta(store)
     assert meta["fingerprint"]["mode"] == "function_matching"
     # Another temperature and lr replay the same logits: no training step runs the teacher.
-    steps = []
-    original = Distiller.compute_loss
-
-    def spy(self, x=None, *args, training=True, **kwargs):
-        if training:
-            steps.append(isinstance(x, dict) and "teacher_logits" in x)
-        return original(self, x, *args, training=training, **kwargs)
-
-    Distiller.compute_loss = spy
-    try:
-        replayed = _config(teacher_file, teacher_store=store)
-        train.run(replayed, str(tmp_path / "replayed"), verbose=0)
-        train.run(_config(teacher_file, teacher_store=store, temperature="5.0", lr="0.003"),
-                  str(tmp_path / "other_t"), verbose=0)
-    finally:
-        Distiller.compute_loss = original
+    steps = traced_steps_on_stored_logits
+    steps.clear()
+    replayed = _config(teacher_file, teacher_store=store)
+    train.run(replayed, str(tmp_path / "replayed"), verbose=0)
+    train.run(_config(teacher_file, teacher_store=store, temperature="5.0", lr="0.003"),
+              str(tmp_path / "other_t"), verbose=0)
     assert steps and all(steps)
     rerun = _max_diff(_student(tmp_path / "live"), _student(tmp_path / "live_again"))
     for name in ("recorded", "replayed"):
@@ -374,7 +364,8 @@ def test_a_replayed_run_ends_where_a_live_run_ends(tmp_path, teacher_file):
 
 
 @pytest.mark.slow
-def test_mirrored_strategy_replays_what_it_recorded(tmp_path, teacher_file, two_cpu_strategy):
+def test_mirrored_strategy_replays_what_it_recorded(tmp_path, teacher_file, two_cpu_strategy,
+                                                    traced_steps_on_stored_logits):
     """Two replicas: the store holds global batches, each replica replays its half.
 
     The store is filled on one device over the global batch, while a live
@@ -387,21 +378,12 @@ def test_mirrored_strategy_replays_what_it_recorded(tmp_path, teacher_file, two_
         return _student(tmp_path / name)
 
     live = run("live")
+    assert traced_steps_on_stored_logits and not any(traced_steps_on_stored_logits)
+    traced_steps_on_stored_logits.clear()
     store = str(tmp_path / "store")
-    steps = []
-    original = Distiller.compute_loss
-
-    def spy(self, x=None, *args, training=True, **kwargs):
-        if training:
-            steps.append(isinstance(x, dict) and "teacher_logits" in x)
-        return original(self, x, *args, training=training, **kwargs)
-
-    Distiller.compute_loss = spy
-    try:  # fills the store with a teacher-only pass, then trains on it
-        replayed = run("replayed", teacher_store=store)
-    finally:
-        Distiller.compute_loss = original
-    assert steps and all(steps)  # no replica ran the teacher in a training step
+    replayed = run("replayed", teacher_store=store)  # a teacher-only pass fills it first
+    # No replica ran the teacher in a training step.
+    assert traced_steps_on_stored_logits and all(traced_steps_on_stored_logits)
     meta = teacher_store_run.recorded_meta(store)
     assert meta["batch_size"] == 16 and len(list((tmp_path / "store").glob("*.npy"))) == 1
     assert np.load(next((tmp_path / "store").glob("*.npy"))).shape == (8, 16, 10)
