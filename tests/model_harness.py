@@ -19,10 +19,9 @@ model, whatever its family:
    with random weights it grows with depth (20% of the logits' scale for
    BiT-R50x1 at 64 px), so only checkpoint-loaded tests pin it;
 5. SavedModel export (`model.export(path, format="tf_saved_model")`),
-   reloaded with `tf.saved_model.load`, gives the same outputs. The costliest
-   check (tracing the whole model: 44% of EfficientNetB5's time here), so it
-   can be left out (`saved_model=False`) where another spec of the same
-   builder checks it.
+   reloaded with `tf.saved_model.load`, gives the same outputs. It traces the
+   whole model, so it can be left out (`saved_model=False`) where another spec
+   of the same builder checks it.
 
 The Distiller step runs last, as it freezes the model it is given. The model
 is freed once both files are written, each file is read back and deleted in

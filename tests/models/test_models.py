@@ -605,9 +605,9 @@ def test_load_weights_passes_head_and_names_bad_files(model, bit_npz, tmp_path):
 # of a family (the same builder with more blocks or channels) run in a process
 # each, since TensorFlow keeps a freed model's memory, and those of more than
 # 200M parameters on one xdist worker, one at a time. The larger members leave
-# out the SavedModel export, which their family's spec checks: tracing the
-# whole model is the costliest check (44% of EfficientNetB5's time), and CI has
-# 30 minutes on 2 cores; `pytest -m heavy` runs it on them too. BiT-R152x4
+# out the SavedModel export, which their family's spec checks: it traces the
+# whole model, and CI has 30 minutes on 2 cores; `pytest -m heavy` runs it on
+# them too. BiT-R152x4
 # (936M parameters) alone stays out of CI: its checks peak at 20 GB in one
 # process, and CI has 24 GB for two workers (`pytest -m heavy
 # tests/models/test_models.py`).
