@@ -99,6 +99,7 @@ class Distiller(keras.Model):
         self.temperature = check_temperature(temperature)
         self.teacher_jit_compile = bool(teacher_jit_compile)
         self._compiled_teachers = None  # the XLA teacher forward, made on first use
+        self._teacher_logits_recorder = None  # see `record_teacher_logits`
         if teacher is None:
             teachers = []
         elif isinstance(teacher, (list, tuple)):
@@ -202,6 +203,34 @@ class Distiller(keras.Model):
             logits.append(ops.cast(outputs, "float32"))
         return logits[0] if len(logits) == 1 else ops.mean(ops.stack(logits), axis=0)
 
+    def record_teacher_logits(self, recorder) -> None:
+        """Has each training step hand the teachers' logits to `recorder`, or stops (None).
+
+        `recorder(logits)` is called inside the (traced) training step on the
+        float32 `[batch, classes]` logits exactly as they reach the loss (an
+        ensemble's mean), in every step that runs the teachers; steps fed
+        precomputed `"teacher_logits"` do not call it. Under a
+        `tf.distribute` strategy it is called in each replica on its part of
+        the batch. It returns nothing and may only update state (TensorFlow
+        variables): `data.teacher_store.LogitsRecorder` is one. The next `fit`
+        retraces the step.
+
+        Example:
+        >>> import numpy as np, tensorflow as tf
+        >>> teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> distiller = Distiller(teacher, student)
+        >>> distiller.compile(optimizer="adam")
+        >>> last = tf.Variable(tf.zeros([8, 3]))
+        >>> distiller.record_teacher_logits(last.assign)
+        >>> x = np.random.rand(8, 4).astype("float32")
+        >>> _ = distiller.fit(x, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        >>> bool(np.allclose(last.numpy(), teacher(x)))
+        True
+        """
+        self._teacher_logits_recorder = recorder
+        self.train_function = None  # traced again, with or without the recorder
+
     # -- keras.Model hooks -------------------------------------------------
 
     def compile(self, *args, **kwargs):
@@ -265,6 +294,10 @@ class Distiller(keras.Model):
         loss = self.distillation_loss(teacher_logits, y_pred)
         if self.losses:  # regularizers of the student, if any
             loss = loss + ops.sum(self.losses)
+        recorder = self._teacher_logits_recorder
+        if training and recorder is not None and not (
+                isinstance(x, dict) and TEACHER_LOGITS_KEY in x):
+            recorder(teacher_logits)
         if not training:
             self._update_eval_metrics(y, teacher_logits, y_pred)
         return loss

@@ -139,17 +139,22 @@ def _run(config, workdir, checkpoint_dir, replicas, verbose, start, train_source
         store, distiller, teacher_path = teacher_store_run.for_config(
             config, distiller, train_source, num_classes, choose=choose,
             num_workers=replicas.num_workers)
-        make_dataset = teacher_store_run.replaying(
-            store, distiller, make_dataset, max(done_steps or [0]), total_steps, verbose)
+        serving = teacher_store_run.serve(store, distiller, make_dataset,
+                                          max(done_steps or [0]), total_steps, verbose)
     else:
         distiller, teacher_path = choose()
-    loop.fit_with_checkpoints(
-        distiller, make_dataset, checkpoint_dir=checkpoint_dir,
-        every_steps=cadence.checkpoint_every_steps, keep=config.keep_checkpoints,
-        every_minutes=config.checkpoint_every_minutes,
-        log_every_steps=cadence.log_every_steps,
-        steps_per_epoch=steps_per_epoch, epochs=config.epochs, name="distillation",
-        saved=student, replicas=replicas, callbacks=[logger], verbose=fit_verbose)
+        serving = teacher_store_run.Serving(make_dataset, total_steps, [], [])
+    try:
+        loop.fit_with_checkpoints(
+            distiller, serving.make_dataset, checkpoint_dir=checkpoint_dir,
+            every_steps=cadence.checkpoint_every_steps, keep=config.keep_checkpoints,
+            every_minutes=config.checkpoint_every_minutes,
+            log_every_steps=cadence.log_every_steps, boundaries=serving.boundaries,
+            steps_per_epoch=steps_per_epoch, epochs=config.epochs, name="distillation",
+            saved=student, replicas=replicas, callbacks=[logger, *serving.callbacks],
+            verbose=fit_verbose)
+    finally:
+        serving.close()
 
     student_path = workdirs.save_model(student, os.path.join(workdir, workdirs.STUDENT_FILE))
     test_ds = data.eval_pipeline(build.source(config, "test"), size=config.student_size,

@@ -1,14 +1,15 @@
 """A config's run with a teacher store: `--config.teacher_store=DIR` and `funmatch teacher-store`.
 
 `for_config` opens a config's store (its fingerprint from the config, its
-teacher compute path fixed by the store), `replaying` fills the steps a run
-lacks and makes the run's batches carry the stored logits, and
+teacher compute path fixed by the store), `serve` plans a run over it (the
+stored steps replayed, the missing ones run live and recorded), and
 `fill_for_config` is the teacher-only pass of `funmatch teacher-store`. The
 store itself is `funmatch_keras.data.teacher_store`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Sequence
@@ -19,7 +20,13 @@ import tensorflow as tf
 from funmatch_keras import configs
 from funmatch_keras.app import build, compute_path
 from funmatch_keras.data import pipelines as data
-from funmatch_keras.data.teacher_store import META_FILE, TeacherStore, fingerprint, teacher_function
+from funmatch_keras.data.teacher_store import (
+    META_FILE,
+    StoreRecorder,
+    TeacherStore,
+    fingerprint,
+    teacher_function,
+)
 from funmatch_keras.distiller import Distiller
 from funmatch_keras.tuning import tune
 
@@ -108,26 +115,82 @@ def for_config(config: Any, distiller: Any, train_source: Any, num_classes: int,
     return store, distiller, info
 
 
-def replaying(store: TeacherStore, distiller: Any, make_dataset: Callable[[int], Any],
-              start_step: int, total_steps: int,
-              verbose: int = 1) -> Callable[[int], tf.data.Dataset]:
-    """Fills the store's missing steps `[start_step, total_steps)`, then returns the
-    `make_dataset` of a run that replays them (`fn(step) -> dataset`)."""
+@dataclasses.dataclass
+class Serving:
+    """How a run with a store gets its teacher's logits (`serve`).
+
+    Attributes:
+        make_dataset: `fn(step) -> dataset`: replayed batches before
+            `record_from`, live ones (the teacher runs) from it on.
+        record_from: the step from which the teacher runs live: the first of
+            the store's missing chunks at the end of the run (the run's end if
+            the store holds everything).
+        boundaries: steps where a `fit` call must end (`loop.fit_with_checkpoints`).
+        callbacks: the `StoreRecorder` writing the live steps, if any.
+    """
+
+    make_dataset: Callable[[int], Any]
+    record_from: int
+    boundaries: list[int]
+    callbacks: list[Any]
+
+    def close(self) -> None:
+        """Stops recording (releases the chunk being recorded)."""
+        for callback in self.callbacks:
+            callback.close()
+
+
+def serve(store: TeacherStore, distiller: Any, make_dataset: Callable[[int], Any],
+          start_step: int, total_steps: int, verbose: int = 1) -> Serving:
+    """Plans a run's steps `[start_step, total_steps)` over a store.
+
+    The steps the store holds are replayed. The store's missing chunks at the
+    end of the run are computed live, by the run's own steps, and recorded as
+    it trains (TensorFlow; the recording costs no teacher pass). Missing
+    chunks before stored ones (a hole left by a killed run or a damaged
+    chunk), and everything missing under another backend, are filled first by
+    a teacher-only pass (`TeacherStore.fill`).
+    """
     xla = _path_of(store).teacher_numerics[1]
     teacher = teacher_function(distiller, jit_compile=xla)
     log = (lambda line: print(line, flush=True)) if verbose else None
-    missing = len(store.missing(start_step, total_steps))
-    if missing and verbose:
-        print(f"Teacher store {store.directory}: computing {missing} chunk(s) of "
-              f"{store.steps_per_chunk} steps before training.", flush=True)
-    store.fill(teacher, make_dataset, start_step, total_steps, log=log)
+    chunks = list(store.chunks(start_step, total_steps))
+    missing = set(store.missing(start_step, total_steps))
+    suffix = len(chunks)
+    if keras.backend.backend() == "tensorflow":
+        while suffix and chunks[suffix - 1] in missing:
+            suffix -= 1
+    record_from = (total_steps if suffix == len(chunks)
+                   else chunks[suffix] * store.steps_per_chunk)
+    ahead = [chunk for chunk in chunks[:suffix] if chunk in missing]
+    if ahead:
+        if verbose:
+            print(f"Teacher store {store.directory}: computing {len(ahead)} chunk(s) of "
+                  f"{store.steps_per_chunk} steps before training.", flush=True)
+        for chunk in ahead:
+            first = chunk * store.steps_per_chunk
+            store.fill(teacher, make_dataset, first,
+                       min(total_steps, first + store.steps_per_chunk), log=log)
+    if verbose:
+        live = total_steps - max(start_step, record_from)
+        print(f"Teacher store {store.directory}: {total_steps - start_step - live} step(s) "
+              f"replayed, {live} run live and recorded.", flush=True)
 
-    def recompute(chunk: int) -> None:
+    def recompute(chunk: int) -> None:  # a chunk damaged after it was checked
         first = chunk * store.steps_per_chunk
         store.fill(teacher, make_dataset, first, min(total_steps, first + store.steps_per_chunk),
                    log=log)
 
-    return lambda step: store.replay(make_dataset(step), step, total_steps, recompute)
+    def dataset(step: int):
+        if step >= record_from:
+            return make_dataset(step)
+        return store.replay(make_dataset(step), step, record_from, recompute)
+
+    callbacks = []
+    if record_from < total_steps:
+        callbacks.append(StoreRecorder(store, distiller, total_steps, log=log))
+    boundaries = [record_from] if start_step < record_from < total_steps else []
+    return Serving(dataset, record_from, boundaries, callbacks)
 
 
 def _path_of(store: TeacherStore) -> Any:

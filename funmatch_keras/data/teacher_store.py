@@ -541,6 +541,141 @@ class TeacherStore:
                           deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
+class LogitsRecorder:
+    """Keeps the teacher's logits of a run's last training steps, for `StoreRecorder`.
+
+    Called by the training step (`Distiller.record_teacher_logits`) on each
+    replica's `[batch / replicas, classes]` logits, it writes them into a ring
+    of `slots` steps held in TensorFlow variables (one copy per replica, so
+    no replica's logits overwrite another's); `take()` returns the global
+    `[steps, batch, classes]` logits of the steps since the last call. A
+    step's logits are read after the step, so `slots` must cover the steps of
+    one call of the training function (`steps_per_execution`).
+
+    Example:
+    >>> recorder = LogitsRecorder(tf.distribute.get_strategy(), slots=2,
+    ...                           batch_size=1, num_classes=2)
+    >>> recorder(tf.constant([[1.0, -1.0]]))
+    >>> recorder(tf.constant([[2.0, -2.0]]))
+    >>> recorder.take()[:, 0, 0], recorder.take().shape
+    (array([1., 2.], dtype=float32), (0, 1, 2))
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, slots: int, batch_size: int,
+                 num_classes: int):
+        replicas = strategy.num_replicas_in_sync
+        if batch_size % replicas:
+            raise ValueError(f"The global batch ({batch_size}) must split evenly over the "
+                             f"{replicas} replicas to record the teacher's logits.")
+        self.slots = int(slots)
+        sync = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.NONE)
+        with strategy.scope():
+            self._ring = tf.Variable(tf.zeros([self.slots, batch_size // replicas, num_classes]),
+                                     name="recorded_teacher_logits", **sync)
+            self._count = tf.Variable(tf.constant(0, tf.int64), name="recorded_steps", **sync)
+        self._strategy = strategy
+        self._taken = 0
+
+    def __call__(self, logits) -> None:
+        # The ring shifts by one step, newest last: a whole assign, which a
+        # replica's copy supports (its scatter updates are not implemented).
+        step = tf.cast(logits, tf.float32)[None]
+        self._ring.assign(step if self.slots == 1 else tf.concat([self._ring[1:], step], 0))
+        self._count.assign_add(1)
+
+    def take(self) -> np.ndarray:
+        """Float32 `[steps, batch, classes]`: every step recorded since the last `take`."""
+        count = int(self._strategy.experimental_local_results(self._count)[0].numpy())
+        new = count - self._taken
+        if new > self.slots:
+            raise RuntimeError(
+                f"{new} steps ran since the teacher's logits were last taken, and the ring "
+                f"holds {self.slots}: take them after every call of the training function "
+                "(a callback's on_train_batch_end), with slots >= steps_per_execution.")
+        self._taken = count
+        # The replicas' parts of a global batch, in replica order, as the strategy split it.
+        parts = [ring.numpy()[self.slots - new:] for ring in
+                 self._strategy.experimental_local_results(self._ring)]
+        return np.concatenate(parts, axis=1)
+
+
+class StoreRecorder(keras.callbacks.Callback):
+    """Writes the teacher's logits of a live run's steps into a store, as it trains.
+
+    The first run of a sweep fills the store at no extra teacher cost: its
+    `Distiller` hands each step's logits (as they reach the loss) to a
+    `LogitsRecorder`, and this callback writes each whole chunk of steps to
+    `store` (claimed first, so that processes sharing the store write it
+    once). Steps are numbered by the optimizer's `iterations` (the global step,
+    restored on resume). A chunk that the store holds already, that another
+    live process claims, or whose first steps this process did not run (a
+    resume in its middle) is not written. A run killed mid-chunk loses that
+    chunk's rows: a later run computes it again. `close()` stops recording.
+
+    Args:
+        store: the `TeacherStore`.
+        distiller: the `Distiller` (TensorFlow backend) whose steps are recorded.
+        end_step: int. The run's last step + 1 (its last chunk may be short).
+        log: callable for progress lines, or None.
+    """
+
+    def __init__(self, store: TeacherStore, distiller: Any, end_step: int,
+                 log: Callable[[str], None] | None = None):
+        super().__init__()
+        self.store, self.end_step, self.log = store, end_step, log
+        self.recorder = LogitsRecorder(distiller.distribute_strategy,
+                                       getattr(distiller, "steps_per_execution", 1) or 1,
+                                       store.batch_size, store.num_classes)
+        distiller.record_teacher_logits(self.recorder)
+        self._distiller = distiller
+        self._chunk, self._next, self._rows, self._claimed = None, None, [], False
+        self.chunks_written = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        logits = self.recorder.take()
+        if not len(logits):  # replayed steps
+            return
+        end = int(keras.ops.convert_to_numpy(self._distiller.optimizer.iterations))
+        for step, row in zip(range(end - len(logits), end), logits):
+            self._add(step, row)
+
+    def _add(self, step: int, logits: np.ndarray) -> None:
+        chunk = step // self.store.steps_per_chunk
+        if chunk != self._chunk or step != self._next:
+            self._release()
+            self._chunk = chunk
+            self._claimed = (step == chunk * self.store.steps_per_chunk and step < self.end_step
+                             and self.store.read_chunk(chunk, self._rows_needed()) is None
+                             and self.store.claim(chunk))
+        self._next = step + 1
+        if not self._claimed:
+            return
+        self._rows.append(logits)
+        if len(self._rows) == self._rows_needed():
+            self.store.write_chunk(chunk, np.stack(self._rows))
+            self.chunks_written += 1
+            if self.log:
+                first = chunk * self.store.steps_per_chunk
+                self.log(f"Teacher store: steps {first}-{first + len(self._rows) - 1} "
+                         f"recorded (chunk {chunk}).")
+            self._release()
+
+    def _rows_needed(self) -> int:
+        return self.store.rows_needed(self._chunk, self.end_step)
+
+    def _release(self) -> None:
+        if self._claimed:
+            self.store.release(self._chunk)
+        self._claimed, self._rows = False, []
+
+    def close(self) -> None:
+        """Releases the chunk being recorded and stops the Distiller's recording."""
+        self._release()
+        self._chunk = None
+        self._distiller.record_teacher_logits(None)
+
+
 def teacher_function(distiller: Any, jit_compile: bool = False) -> Callable[[Any], Any]:
     """`Distiller.teacher_logits` as one compiled function, for `TeacherStore.fill`."""
     if keras.backend.backend() != "tensorflow":

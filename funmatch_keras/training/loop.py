@@ -39,6 +39,7 @@ def fit_resumably(
     epochs: int,
     start_step: int = 0,
     log_every_steps: int | None = None,
+    boundaries: Sequence[int] = (),
     callbacks: Sequence[keras.callbacks.Callback] = (),
     should_stop: Callable[[], bool] = lambda: False,
     **fit_kwargs,
@@ -63,6 +64,9 @@ def fit_resumably(
         start_step: int. Global step to start at. Defaults to 0.
         log_every_steps: int or None. Steps of a virtual epoch. Defaults to
             `steps_per_epoch` (Keras epochs are dataset epochs).
+        boundaries: global steps where a `fit` call must end, because the
+            batches change form there (e.g. from replayed teacher logits to a
+            live teacher): `make_dataset(step)` is never read across one.
         callbacks: Keras callbacks, shared by the `fit` calls.
         should_stop: callable. Checked between `fit` calls (e.g. NaN stop).
         **fit_kwargs: passed to `fit` (verbose...).
@@ -87,7 +91,7 @@ def fit_resumably(
                          f"steps_per_execution ({per_call}).")
     step = start_step
     progress = RunProgress(steps_per_epoch, epochs)
-    for begin, end in _intervals(start_step, total, interval):
+    for begin, end in _intervals(start_step, total, interval, boundaries):
         if should_stop():
             break
         length = min(end - begin, interval)
@@ -146,25 +150,31 @@ class RunProgress(keras.callbacks.ProgbarLogger):
             print(self.header(epoch), flush=True)
 
 
-def _intervals(start: int, total: int, interval: int) -> list[tuple[int, int]]:
+def _intervals(start: int, total: int, interval: int,
+               boundaries: Sequence[int] = ()) -> list[tuple[int, int]]:
     """`fit` calls as `(begin, end)` steps: the rest of a started interval, whole
-    intervals, then a short last one.
+    intervals, then a short last one; a boundary ends a call (and starts one).
 
     >>> _intervals(3, 20, 4)
     [(3, 4), (4, 20)]
     >>> _intervals(0, 10, 4)
     [(0, 8), (8, 10)]
+    >>> _intervals(0, 20, 4, boundaries=[10])
+    [(0, 8), (8, 10), (10, 12), (12, 20)]
     """
+    stops = sorted({b for b in boundaries if start < b < total} | {total})
     calls, step = [], start
-    if step % interval and step < total:
-        calls.append((step, min(total, step - step % interval + interval)))
-        step = calls[-1][1]
-    whole = total - total % interval
-    if step < whole:
-        calls.append((step, whole))
-        step = whole
-    if step < total:
-        calls.append((step, total))
+    for stop in stops:
+        if step % interval and step < stop:
+            calls.append((step, min(stop, step - step % interval + interval)))
+            step = calls[-1][1]
+        whole = stop - stop % interval
+        if step < whole:
+            calls.append((step, whole))
+            step = whole
+        if step < stop:
+            calls.append((step, stop))
+            step = stop
     return calls
 
 
@@ -190,6 +200,7 @@ def fit_with_checkpoints(
     epochs: int,
     every_minutes: float | None = None,
     log_every_steps: int | None = None,
+    boundaries: Sequence[int] = (),
     background: bool = True,
     name: str = "training",
     saved: keras.Model | None = None,
@@ -218,6 +229,7 @@ def fit_with_checkpoints(
         every_minutes: float or None. Wall-clock minutes between checkpoints.
         log_every_steps: int or None. Steps between log steps (virtual epochs,
             where checkpoints and the NaN check happen). Defaults to `steps_per_epoch`.
+        boundaries: global steps where a `fit` call ends (see `fit_resumably`).
         background: bool. Write checkpoints from a thread. Defaults to True.
         name: str. What is trained, for the resume message.
         saved: keras.Model. What the checkpoints hold besides the optimizer
@@ -259,7 +271,7 @@ def fit_with_checkpoints(
         with stop_on_signals(checkpoints):
             step = fit_resumably(
                 model, make_dataset, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                start_step=start, log_every_steps=log_every_steps,
+                start_step=start, log_every_steps=log_every_steps, boundaries=boundaries,
                 callbacks=[checkpoints, *callbacks],
                 should_stop=lambda: bool(checkpoints.stopped_reason or
                                          checkpoints.stop_requested),

@@ -2,6 +2,7 @@ import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -15,12 +16,15 @@ from funmatch_keras.app import distill as train
 from funmatch_keras.app import teacher_store as teacher_store_run
 from funmatch_keras.data import pipelines as data
 from funmatch_keras.data import sources
+from funmatch_keras.data import teacher_store as teacher_store_module
 from funmatch_keras.data.teacher_store import (
     StoreMismatchError,
+    StoreRecorder,
     TeacherStore,
     decode_logits,
     encode_logits,
 )
+from funmatch_keras.distiller import Distiller
 
 
 def _store(path, **kwargs):
@@ -102,6 +106,47 @@ def test_fill_computes_what_is_missing_and_replay_feeds_it_step_by_step(tmp_path
     assert len(replayed) == 1
     np.testing.assert_array_equal(replayed[0]["teacher_logits"], np.full([2, 3], 50.0))
     np.testing.assert_array_equal(replayed[0]["student"], np.full([2, 3], 5.0))
+
+
+def _recording_run(store, start_step=0, end_step=10):
+    """A Dense teacher and student, 2 steps per call of the training function, from
+    `start_step` to `end_step` (batches of 2), recorded into `store`; returns each
+    step's batch."""
+    keras.utils.set_random_seed(0)
+    teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    distiller = Distiller(teacher, keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
+    distiller.compile(optimizer="sgd", steps_per_execution=2)
+    distiller.optimizer.build(distiller.student.trainable_variables)
+    distiller.optimizer.iterations.assign(start_step)  # as a restored checkpoint sets it
+    x = np.random.default_rng(1).normal(size=[end_step, 2, 4]).astype(np.float32)
+    recorder = StoreRecorder(store, distiller, end_step)
+    ds = tf.data.Dataset.from_tensor_slices(x[start_step:])
+    distiller.fit(ds, epochs=1, steps_per_epoch=end_step - start_step, verbose=0,
+                  shuffle=False, callbacks=[recorder])
+    recorder.close()
+    return teacher, x
+
+
+def test_a_live_run_records_whole_chunks_as_the_loss_saw_them(tmp_path):
+    store = _store(tmp_path / "store")
+    # Chunk 1 (steps 4-7) is being computed by another live process (the parent).
+    (tmp_path / "store" / "chunk-0000001.claim").write_text(
+        json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    teacher, x = _recording_run(store)
+    expected = teacher.predict(x.reshape(-1, 4), verbose=0).reshape(10, 2, 3)
+    np.testing.assert_allclose(store.read_chunk(0), expected[0:4], rtol=1e-6, atol=1e-6)
+    assert store.read_chunk(1) is None  # left to the process that claims it
+    np.testing.assert_allclose(store.read_chunk(2), expected[8:10], rtol=1e-6, atol=1e-6)
+    assert sorted(n for n in os.listdir(store.directory) if n.endswith(".claim")) == [
+        "chunk-0000001.claim"]  # its own claims released
+
+
+def test_a_run_resumed_mid_chunk_records_from_the_next_chunk(tmp_path):
+    store = _store(tmp_path / "store")
+    teacher, x = _recording_run(store, start_step=5)  # steps 5-9: chunk 1 lacks 4
+    assert store.missing(0, 10) == [0, 1]
+    expected = teacher.predict(x[8:].reshape(-1, 4), verbose=0).reshape(2, 2, 3)
+    np.testing.assert_allclose(store.read_chunk(2), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_replay_recomputes_a_chunk_damaged_after_the_fill(tmp_path):
@@ -333,19 +378,21 @@ def _max_diff(a, b):
 
 
 @pytest.mark.slow
-def test_a_replayed_run_ends_where_a_live_run_ends(tmp_path, teacher_file,
+def test_a_replayed_run_ends_where_a_live_run_ends(tmp_path, teacher_file, monkeypatch,
                                                   traced_steps_on_stored_logits):
-    """32 steps of function matching: live, live again, recorded, replayed."""
+    """32 steps of function matching: live, live again, recorded, replayed, half of each."""
     live = _config(teacher_file)
     train.run(live, str(tmp_path / "live"), verbose=0)
     train.run(live, str(tmp_path / "live_again"), verbose=0)
     store = str(tmp_path / "store")
     recorded = _config(teacher_file, teacher_store=store)
+    steps = traced_steps_on_stored_logits
+    steps.clear()
     train.run(recorded, str(tmp_path / "recorded"), verbose=0)
+    assert steps and not any(steps)  # the first run records its own live steps
     meta = teacher_store_run.recorded_meta(store)
     assert meta["fingerprint"]["mode"] == "function_matching"
     # Another temperature and lr replay the same logits: no training step runs the teacher.
-    steps = traced_steps_on_stored_logits
     steps.clear()
     replayed = _config(teacher_file, teacher_store=store)
     train.run(replayed, str(tmp_path / "replayed"), verbose=0)
@@ -357,6 +404,17 @@ def test_a_replayed_run_ends_where_a_live_run_ends(tmp_path, teacher_file,
         diff = _max_diff(_student(tmp_path / "live"), _student(tmp_path / name))
         assert diff <= rerun, (name, diff, rerun)
     assert _max_diff(_student(tmp_path / "live"), _student(tmp_path / "other_t")) > 0
+    # A store holding the first half (chunks of 8 steps): the run replays it, then
+    # runs the rest live and records it, in the same run.
+    monkeypatch.setattr(teacher_store_module, "DEFAULT_STEPS_PER_CHUNK", 8)
+    half = str(tmp_path / "half")
+    teacher_store_run.fill_for_config(_config(teacher_file), half, steps="0:16", verbose=0)
+    steps.clear()
+    train.run(_config(teacher_file, teacher_store=half), str(tmp_path / "extended"), verbose=0)
+    assert True in steps and False in steps
+    assert TeacherStore(half, teacher_store_run.recorded_meta(half)).missing(0, 32) == []
+    diff = _max_diff(_student(tmp_path / "live"), _student(tmp_path / "extended"))
+    assert diff <= rerun, ("extended", diff, rerun)
     # A different seed is refused, naming it.
     with pytest.raises(StoreMismatchError, match="seed: 0 -> 1"):
         train.run(_config(teacher_file, teacher_store=store, seed="1"),
@@ -368,28 +426,40 @@ def test_mirrored_strategy_replays_what_it_recorded(tmp_path, teacher_file, two_
                                                     traced_steps_on_stored_logits):
     """Two replicas: the store holds global batches, each replica replays its half.
 
-    The store is filled on one device over the global batch, while a live
-    mirrored step runs the teacher on each replica's half: equal up to float32
-    summation order, so the bound is the single-device test's rerun level or 1e-6.
+    The first run records each replica's logits of its half, the second
+    replays them; a store filled ahead by a teacher-only pass on one device is
+    replayed too. A live mirrored step runs the teacher on each replica's
+    half: equal to the one-device pass up to float32 summation order, so the
+    bound is the single-device test's rerun level or 1e-6. Halves recorded in
+    the wrong order would feed each replica the other's logits.
     """
+    traced = traced_steps_on_stored_logits
+
     def run(name, **overrides):
+        traced.clear()
         config = _config(teacher_file, epochs="2", steps_per_epoch="4", **overrides)
         train.run(config, str(tmp_path / name), verbose=0, strategy=two_cpu_strategy)
         return _student(tmp_path / name)
 
     live = run("live")
-    assert traced_steps_on_stored_logits and not any(traced_steps_on_stored_logits)
-    traced_steps_on_stored_logits.clear()
-    store = str(tmp_path / "store")
-    replayed = run("replayed", teacher_store=store)  # a teacher-only pass fills it first
-    # No replica ran the teacher in a training step.
-    assert traced_steps_on_stored_logits and all(traced_steps_on_stored_logits)
-    meta = teacher_store_run.recorded_meta(store)
-    assert meta["batch_size"] == 16 and len(list((tmp_path / "store").glob("*.npy"))) == 1
-    assert np.load(next((tmp_path / "store").glob("*.npy"))).shape == (8, 16, 10)
-    diff = _max_diff(live, replayed)
-    print(f"replayed vs live under MirroredStrategy: max |dw| {diff}")
-    assert diff <= 1e-6, diff
+    store = tmp_path / "store"
+    recorded = run("recorded", teacher_store=str(store))
+    assert traced and not any(traced)  # the teacher ran in every step, and was recorded
+    assert teacher_store_run.recorded_meta(str(store))["batch_size"] == 16
+    [chunk] = store.glob("*.npy")
+    assert np.load(chunk).shape == (8, 16, 10)
+    replayed = run("replayed", teacher_store=str(store))
+    assert traced and all(traced)  # no replica ran the teacher in a training step
+    ahead = tmp_path / "ahead"
+    teacher_store_run.fill_for_config(_config(teacher_file, epochs="2", steps_per_epoch="4"),
+                                      str(ahead), verbose=0)
+    from_ahead = run("from_ahead", teacher_store=str(ahead))
+    assert traced and all(traced)
+    for name, student in (("recorded", recorded), ("replayed", replayed),
+                          ("filled ahead", from_ahead)):
+        diff = _max_diff(live, student)
+        print(f"{name} vs live under MirroredStrategy: max |dw| {diff}")
+        assert diff <= 1e-6, (name, diff)
 
 
 def test_the_configs_encoding_reaches_the_store_and_replay_must_match_it(tmp_path, teacher_file):

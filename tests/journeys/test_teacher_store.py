@@ -1,8 +1,9 @@
 """A sweep's teacher pass: `funmatch teacher-store` and `funmatch distill
 --config.teacher_store=DIR`, each step in a fresh process. Processes filling one store
-at once end with a complete store and compute each chunk once; a run killed while
-filling or training resumes, replays from the right step and ends where a live run
-ends; a damaged chunk is recomputed with a warning; another seed is refused.
+at once end with a complete store and compute each chunk once; a run that records its
+own steps, killed while writing a chunk and again while training, resumes, replays
+from the right step and ends where a live run ends; a hole and a damaged chunk are
+recomputed before a replay (with a warning for the damaged one); another seed is refused.
 """
 
 import json
@@ -99,31 +100,47 @@ def test_two_processes_fill_one_store_each_chunk_once(funmatch, tmp_path, fresh_
     assert "0 chunk(s) computed here, 0 missing" in out
 
 
-def test_killed_while_filling_and_training_a_replayed_run_ends_as_a_live_one(
+def test_killed_while_recording_a_resumed_run_and_a_replay_end_as_a_live_one(
         funmatch, tmp_path):
     store, run = tmp_path / "store", tmp_path / "run"
     distill = ["distill", *_args(tmp_path), f"--config.teacher_store={store}",
-               f"--workdir={run}", "--verbose=0"]
-    # Killed while writing its third chunk: two whole chunks, no partial one.
-    funmatch(*distill, phase="chunk", nth=3, expect=-9)
+               f"--workdir={run}"]
+    # The first run records its own steps. Killed while writing its third chunk (after
+    # step 24; checkpoints at the log steps 9 and 18, every 3 steps here): two whole
+    # chunks, no partial one.
+    out = funmatch(*distill, phase="chunk", nth=3, expect=-9)
+    assert "0 step(s) replayed, 32 run live and recorded" in out, out[-3000:]
     assert len(_chunks(store)) == 2
-    # Rerun: the dead process's claim is taken over and the fill completes; killed at
-    # its second checkpoint save, so step 9 (checkpoints land on log steps, every 3
-    # steps here) is the last whole one: in the middle of a chunk.
-    funmatch(*distill, phase="checkpoint", nth=2, expect=-9)
-    assert len(_chunks(store)) == 4
-    # A chunk damaged meanwhile is recomputed with a warning, never fed to the loss.
-    damaged = store / _chunks(store)[2]
-    damaged.write_bytes(damaged.read_bytes()[:-8])
+    # Resumed at step 18, in the middle of chunk 2 (steps 16-23), which it cannot
+    # record; it saves a checkpoint at step 27 (8 steps on, at a log step), records
+    # chunk 3 (steps 24-31), then dies at its second checkpoint save (step 32).
+    out = funmatch(*distill, phase="checkpoint", nth=2, expect=-9)
+    assert "Resuming distillation from step 18 of 32" in out, out[-3000:]
+    assert len(_chunks(store)) == 3 and not _chunks(store)[2].startswith("chunk-0000002-")
+    # Resumed at step 27, in the middle of the stored chunk 3: the rest is replayed.
     out = funmatch(*distill)
-    assert "Resuming distillation from step 9 of 32" in out, out[-3000:]
-    assert "damaged" in out and len(_chunks(store)) == 4
+    assert "Resuming distillation from step 27 of 32" in out, out[-3000:]
+    assert "5 step(s) replayed, 0 run live" in out
     live = tmp_path / "live"
     funmatch("distill", *_args(tmp_path), f"--workdir={live}", "--verbose=0")
-    for got, want in zip(_weights(run / "student.keras"), _weights(live / "student.keras")):
-        np.testing.assert_array_equal(got, want)
+    want = _weights(live / "student.keras")
+    for got, expected in zip(_weights(run / "student.keras"), want):
+        np.testing.assert_array_equal(got, expected)
     report = json.loads((run / "report.json").read_text())
     assert report["teacher_path"]["reason"].startswith("read from the teacher store")
+    # A whole replay: the hole (chunk 2, the killed process's claim still on it) and a
+    # chunk damaged meanwhile are computed before training, with a warning for the
+    # damaged one, which is never fed to the loss.
+    damaged = store / _chunks(store)[0]
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
+                   f"--workdir={tmp_path / 'replayed'}")
+    assert "damaged" in out and "computing 2 chunk(s) of 8 steps before training" in out
+    assert "32 step(s) replayed, 0 run live" in out, out[-3000:]
+    assert sorted(os.listdir(store)) == sorted(_chunks(store) + ["store.json"])  # no claims
+    assert len(_chunks(store)) == 4
+    for got, expected in zip(_weights(tmp_path / "replayed" / "student.keras"), want):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_a_store_filled_ahead_is_replayed_and_another_seed_is_refused(funmatch, tmp_path):
@@ -134,7 +151,7 @@ def test_a_store_filled_ahead_is_replayed_and_another_seed_is_refused(funmatch, 
     filled = {name: (store / name).stat().st_mtime_ns for name in _chunks(store)}
     out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
                    "--config.temperature=2.0", f"--workdir={tmp_path / 'replayed'}")
-    assert "Teacher store" not in out  # nothing left to compute...
+    assert "32 step(s) replayed, 0 run live" in out and "computing" not in out
     assert {name: (store / name).stat().st_mtime_ns for name in _chunks(store)} == filled
     live = tmp_path / "live"
     funmatch("distill", *_args(tmp_path), "--config.temperature=2.0", f"--workdir={live}",
@@ -156,7 +173,7 @@ def test_a_top_k_store_replays_with_its_encoding_and_refuses_another(funmatch, t
     assert [np.load(store / name).shape for name in _chunks(store)] == [(8, 16, 7)] * 4
     out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}", top3,
                    f"--workdir={tmp_path / 'replayed'}")
-    assert "Teacher store" not in out  # replayed, nothing recomputed
+    assert "32 step(s) replayed, 0 run live" in out and "computing" not in out
     assert (tmp_path / "replayed" / "student.keras").is_file()
     out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
                    f"--workdir={tmp_path / 'float32'}", expect=2)
