@@ -65,6 +65,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
     replicas = distribute.replication(strategy)
     distribute.check_batch_size(config.batch_size, replicas.num_replicas)
+    if config.teacher_store:  # before the workdir is written or a teacher trained
+        teacher_store_run.check_supported(config, replicas.num_workers)
     if verbose and replicas.num_replicas > 1:
         print(f"Training on {replicas.num_replicas} replicas ({replicas.kind}, "
               f"{replicas.task}).", flush=True)

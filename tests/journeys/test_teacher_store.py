@@ -3,7 +3,8 @@
 at once end with a complete store and compute each chunk once; a run that records its
 own steps, killed while writing a chunk and again while training, resumes, replays
 from the right step and ends where a live run ends; a hole and a damaged chunk are
-recomputed before a replay (with a warning for the damaged one); another seed is refused.
+recomputed before a replay (with a warning for the damaged one); another seed is refused;
+two workers (`TF_CONFIG`) are refused before anything is trained or written.
 """
 
 import json
@@ -179,3 +180,22 @@ def test_a_top_k_store_replays_with_its_encoding_and_refuses_another(funmatch, t
                    f"--workdir={tmp_path / 'float32'}", expect=2)
     assert "holds 'top3' logits, and this run asks for 'float32'" in out
     assert "--config.teacher_store_encoding=top3" in out
+
+
+def test_two_workers_are_refused_before_the_teacher_trains_or_a_file_is_written(
+        workers, tmp_path):
+    store, run = tmp_path / "store", tmp_path / "run"
+    # The config's teacher has no weights: a refusal that came late would train it first.
+    distill = ["distill", "--config=digits:smoke=True", f"--config.teacher_store={store}",
+               f"--workdir={run}"]
+    cluster = workers.funmatch(distill, distill, name="store")
+    assert cluster.wait(timeout=120) == [2, 2], cluster.explain()  # bad input, no hang
+    for index in (0, 1):
+        log = cluster.log(index)
+        assert "--config.teacher_store does not support multi-worker training yet " \
+               "(2 workers)" in log, cluster.explain()
+        assert "Train on one worker (MirroredStrategy works), or drop " \
+               "--config.teacher_store." in log, cluster.explain()
+    assert not store.exists()  # no store.json, no chunk, no claim
+    # No teacher, checkpoint or config.json: the same command without the flag can run there.
+    assert not run.exists()
