@@ -154,3 +154,18 @@ def student(digits):
     )
     model.fit(x_train, y_train, epochs=6, batch_size=64, verbose=0)
     return model
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """`--dist loadgroup`: the `xdist_group` suffix on node ids, which pytest-xdist 3.8 sets
+    on `item._nodeid`, a name pytest 9 no longer reads (without it no group stays together)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                         for mark in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")

@@ -28,18 +28,23 @@ is freed once both files are written, each file is read back and deleted in
 turn, and weights are compared by digest, so at most two copies of a model
 are live at once and the disk holds at most one. TensorFlow does not give a
 freed model's memory back, though (BiT-R152x4 still peaks at 20 GB), so
-`run_model_spec_test_in_subprocess` runs it all in a fresh process, whose
-memory is returned when it ends.
+`run_model_spec_test_in_subprocess` runs it all in a process of its own (forked
+from one that has imported TensorFlow), whose memory is returned when it ends.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import traceback
 import warnings
 
 import keras
@@ -192,21 +197,103 @@ def run_model_spec_test(spec: str, tmp_path, num_classes: int = 3,
     assert trainable == {id(v) for v in student.trainable_variables}
 
 
+class _SpecServer:
+    """A process that has imported TensorFlow and forks a child per spec.
+
+    Each spec still runs in a process of its own, whose memory goes back when it
+    ends, but none imports TensorFlow again. The server runs no TensorFlow op
+    itself, so every child starts from a just-imported state.
+    """
+
+    def __init__(self):
+        self.process = None
+
+    def run(self, spec: str, tmp_path, saved_model: bool, timeout_s: float) -> tuple[int, str]:
+        """The child's exit code and its output (stdout and stderr)."""
+        if self.process is not None and self.process.poll() is not None:
+            self.stop()  # it died: a new one
+        if self.process is None:
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            self.errors = tempfile.TemporaryFile("w+", errors="replace")  # the server's own
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.model_harness", "--serve"], cwd=root,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True,
+                start_new_session=True)  # its own process group, with its children
+        log = os.path.join(str(tmp_path), "harness.log")
+        self.process.stdin.write(json.dumps({"spec": spec, "dir": str(tmp_path), "log": log,
+                                             "saved_model": saved_model}) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
+        reply = self.process.stdout.readline() if ready else ""
+        output = ""
+        if os.path.exists(log):
+            with open(log, errors="replace") as f:
+                output = f.read()
+        if not reply:  # timed out, or the server died: start a new one next time
+            self.errors.seek(0)
+            server = self.errors.read()[-2000:]
+            self.stop()
+            return -1, (f"{output}\n(no result after {timeout_s} s, or the server died)"
+                        f"\n--- the server's stderr ---\n{server}")
+        return int(reply), output
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the server and a running child
+            self.process.wait()
+        for f in (self.process.stdin, self.process.stdout, self.errors):
+            f.close()
+        self.process = None
+
+
+_SERVER = _SpecServer()
+
+
 def run_model_spec_test_in_subprocess(spec: str, tmp_path, saved_model: bool = True,
                                       timeout_s: float = 900) -> None:
-    """`run_model_spec_test` in a fresh Python process.
+    """`run_model_spec_test` in a process of its own (forked; see `_SpecServer`).
 
     TensorFlow keeps the memory of a freed model: one pytest worker that built
     the larger specs in turn grew past 20 GB. A process per spec gives it back.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.model_harness", spec, str(tmp_path),
-         *([] if saved_model else ["--no-saved-model"])], cwd=root,
-        capture_output=True, text=True, timeout=timeout_s)
-    assert result.returncode == 0, f"{spec}: exit {result.returncode}\n{result.stderr[-4000:]}"
+    code, output = _SERVER.run(spec, tmp_path, saved_model, timeout_s)
+    assert code == 0, f"{spec}: exit {code}\n{output[-4000:]}"
 
 
-if __name__ == "__main__":  # python -m tests.model_harness SPEC DIR [--no-saved-model]
-    run_model_spec_test(sys.argv[1], sys.argv[2],
-                        saved_model="--no-saved-model" not in sys.argv[3:])
+def stop_subprocesses() -> None:
+    """Ends the process that `run_model_spec_test_in_subprocess` forks from."""
+    _SERVER.stop()
+
+
+def _serve() -> None:
+    """Reads one JSON request a line; forks a child for each; writes its exit code."""
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                run_model_spec_test(request["spec"], request["dir"],
+                                    saved_model=request["saved_model"])
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)  # no atexit handlers: they belong to the server
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+
+
+if __name__ == "__main__":  # python -m tests.model_harness (SPEC DIR [--no-saved-model] | --serve)
+    if sys.argv[1:] == ["--serve"]:
+        _serve()
+    else:
+        run_model_spec_test(sys.argv[1], sys.argv[2],
+                            saved_model="--no-saved-model" not in sys.argv[3:])

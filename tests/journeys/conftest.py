@@ -202,13 +202,23 @@ class Workers:
         return cluster
 
 
-@pytest.fixture
-def workers(tmp_path: Path):
-    """Runs multi-worker `funmatch` commands as local processes; none outlives the test."""
-    started = Workers(tmp_path)
+def _workers_in(folder: Path):
+    started = Workers(folder)
     yield started
     for cluster in started.clusters:
         cluster.kill_all()
+
+
+@pytest.fixture
+def workers(tmp_path: Path):
+    """Runs multi-worker `funmatch` commands as local processes; none outlives the test."""
+    yield from _workers_in(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_workers(tmp_path_factory):
+    """`workers` for a module-scoped fixture: none outlives the module's tests."""
+    yield from _workers_in(tmp_path_factory.mktemp("workers"))
 
 
 @pytest.fixture(name="fresh_env")

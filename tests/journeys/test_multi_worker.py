@@ -6,6 +6,8 @@ teacher with labels, then distils. The two workers are two local processes with 
 own workdir, where neither can read the other's disk. A worker killed with `kill -9`
 (during the teacher's training, during distillation) is restarted with its peer,
 and the run ends as an uninterrupted one: same steps, same student on both workers.
+One uninterrupted run (separate workdirs) is the reference of both layouts' restarted
+runs: the layout changes where files go, not what is trained.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs both tests: they share the module's uninterrupted run.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multi_worker")]
 
 TOTAL_STEPS = 60  # of distillation; the teacher trains for one epoch (78 steps)
 EVERY = 6  # log and checkpoint interval, of the teacher's training and distillation
@@ -69,12 +72,18 @@ def _ckpts(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("ckpt-*")) if folder.is_dir() else []
 
 
-def test_shared_workdir_and_a_chief_killed_while_the_teacher_trains(workers, tmp_path):
-    # (a) One workdir for both: the chief writes there, worker 1 in its workertemp_worker_1/.
-    run = tmp_path / "shared"
-    _finish(_start(workers, [run, run], "shared"))
-    student = _check_run(run, run / "workertemp_worker_1")
+@pytest.fixture(scope="module")
+def uninterrupted(module_workers, tmp_path_factory) -> list:
+    """The student of an uninterrupted run, each worker with its own workdir."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    chief, other = folder / "chief", folder / "other"
+    _finish(_start(module_workers, [chief, other], "uninterrupted"))
+    return _check_run(chief, other / "workertemp_worker_1")
 
+
+def test_shared_workdir_and_a_chief_killed_while_the_teacher_trains(workers, tmp_path,
+                                                                    uninterrupted):
+    # (a) One workdir for both: the chief writes there, worker 1 in its workertemp_worker_1/.
     # The chief is lost while the teacher trains (a checkpoint of it exists); both restart.
     killed = tmp_path / "killed"
     cluster = _start(workers, [killed, killed], "killed")
@@ -87,17 +96,14 @@ def test_shared_workdir_and_a_chief_killed_while_the_teacher_trains(workers, tmp
     for index in (0, 1):  # each continues: neither trains from scratch
         assert "Resuming teacher training from step" in restarted.log(index), restarted.explain()
     resumed = _check_run(killed, killed / "workertemp_worker_1")
-    _assert_same_weights(resumed, student)
+    _assert_same_weights(resumed, uninterrupted)
 
 
-def test_separate_workdirs_and_a_worker_killed_while_distilling(workers, tmp_path):
+def test_separate_workdirs_and_a_worker_killed_while_distilling(workers, tmp_path,
+                                                                uninterrupted):
     # (b) Each worker its own workdir: no worker can read the other's files.
-    chief, other = tmp_path / "chief", tmp_path / "other"
-    _finish(_start(workers, [chief, other], "separate"))
-    student = _check_run(chief, other / "workertemp_worker_1")
-
     # Worker 1 is lost during distillation, after a checkpoint; both restart.
-    chief, other = tmp_path / "chief2", tmp_path / "other2"
+    chief, other = tmp_path / "chief", tmp_path / "other"
     cluster = _start(workers, [chief, other], "killed")
     cluster.wait_for(lambda: _ckpts(chief / "checkpoints"))
     cluster.kill(1)
@@ -108,4 +114,4 @@ def test_separate_workdirs_and_a_worker_killed_while_distilling(workers, tmp_pat
     for index in (0, 1):  # each continues: neither trains from scratch
         assert "Resuming distillation from step" in restarted.log(index), restarted.explain()
     resumed = _check_run(chief, other / "workertemp_worker_1")
-    _assert_same_weights(resumed, student)
+    _assert_same_weights(resumed, uninterrupted)

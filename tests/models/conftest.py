@@ -8,5 +8,6 @@ from tests import model_harness
 @pytest.fixture(scope="session")
 def harness():
     """tests/model_harness.py: `harness.run_model_spec_test(spec, tmp_path)`, and the same
-    in a fresh process (`run_model_spec_test_in_subprocess`)."""
-    return model_harness
+    in a process of its own (`run_model_spec_test_in_subprocess`)."""
+    yield model_harness
+    model_harness.stop_subprocesses()
