@@ -162,7 +162,10 @@ def pytest_collection_modifyitems(config, items):
     on `item._nodeid`, a name pytest 9 no longer reads (without it no group stays together)."""
     if not getattr(config.option, "loadgroup", False):
         return
-    from _pytest.nodeid import coerce_node_id
+    try:
+        from _pytest.nodeid import coerce_node_id  # pytest >= 9.2, which reads `_id`
+    except ImportError:
+        return  # an older pytest reads the `_nodeid` that pytest-xdist writes
 
     for item in items:
         groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
