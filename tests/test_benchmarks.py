@@ -206,13 +206,19 @@ def test_sweep_benchmark_small_models(tmp_path):
         [os.path.join(ROOT, "benchmarks", "sweep.py"), "--teacher", "cnn:8", "--student",
          "cnn:4", "--size", "16", "--batch", "4", "--steps", "4"], tmp_path)
     for key in ("live_s", "store_s", "sweep_ratio", "replay_run_ratio", "first_run_overhead",
-                "bytes_per_step", "max_abs_weight_diff", "rerun_max_abs_weight_diff",
+                "first_run_overhead_ahead", "bytes_per_step", "max_abs_weight_diff",
+                "rerun_max_abs_weight_diff", "student_step_in_memory_s", "replayed_input_s",
                 "cpu_flags"):
         assert key in report
     assert report["bytes_per_step"] == 4 * 10 * 4
     assert report["stored_bytes_per_step"] >= report["bytes_per_step"]
+    # The recording run and the replayed one train as the live run does.
     assert report["max_abs_weight_diff"] <= report["rerun_max_abs_weight_diff"]
+    assert report["recorded_run_max_abs_weight_diff"] <= report["rerun_max_abs_weight_diff"]
     assert len(report["replayed_runs_s"]) == len(report["live_runs_s"]) == 4
+    # The sweep: the recording run, then the other three temperatures replayed.
+    assert report["store_s"] == pytest.approx(
+        report["recording_run_s"] + sum(report["replayed_runs_s"][1:]), abs=0.03)
 
 
 @pytest.mark.slow
