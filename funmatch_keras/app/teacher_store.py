@@ -181,10 +181,15 @@ def serve(store: TeacherStore, distiller: Any, make_dataset: Callable[[int], Any
         store.fill(teacher, make_dataset, first, min(total_steps, first + store.steps_per_chunk),
                    log=log)
 
+    checked = []
+
     def dataset(step: int):
         if step >= record_from:
             return make_dataset(step)
-        return store.replay(make_dataset(step), step, record_from, recompute)
+        # The first replayed batch of this process is checked against the teacher once.
+        check = None if checked else teacher
+        checked.append(step)
+        return store.replay(make_dataset(step), step, record_from, recompute, check_with=check)
 
     callbacks = []
     if record_from < total_steps:

@@ -515,15 +515,55 @@ class TeacherStore:
             yield from logits[step - chunk * self.steps_per_chunk:rows]
             step = chunk * self.steps_per_chunk + rows
 
+    def check_step(self, step: int, teacher_logits: Any) -> None:
+        """Refuses a run whose batch at `step` is not the one the store was recorded on.
+
+        `teacher_logits` are the teacher's logits of this run's batch at `step`,
+        computed now. The stored ones must agree within 5% of their largest
+        magnitude (compute paths differ by far less: XLA or not, bfloat16
+        rounding); for a top-K store, at the K stored classes. Batches from an
+        unseeded shuffle or augmentation differ by far more, and would
+        otherwise be replayed against the wrong images without a sign.
+
+        Raises:
+            StoreMismatchError: naming the step and the difference.
+        """
+        chunk = step // self.steps_per_chunk
+        stored = self.read_chunk(chunk, step - chunk * self.steps_per_chunk + 1)
+        if stored is None:
+            return  # nothing stored to compare with: it is computed live
+        stored = stored[step - chunk * self.steps_per_chunk]
+        live = np.asarray(keras.ops.convert_to_numpy(teacher_logits), np.float32)
+        k = store_encoding_k(self.encoding)
+        if k is not None:  # the K largest stored logits are the recorded top K
+            kept = np.argsort(-stored, axis=-1, kind="stable")[..., :k]
+            stored, live = (np.take_along_axis(a, kept, -1) for a in (stored, live))
+        error = float(np.max(np.abs(live - stored)) / (np.max(np.abs(stored)) + 1e-3))
+        if not error <= 0.05:
+            raise StoreMismatchError(
+                f"The teacher's logits of this run's batch at step {step} differ from the "
+                f"ones the store {self.directory!r} holds for it (largest difference "
+                f"{error:.0%} of the largest logit): this run's batches are not the ones it "
+                "was recorded on. Every run that shares a store must see the same batches at "
+                "each step: seed the shuffle and the augmentation (fm.data.train_pipeline "
+                "with seed=...), or use another store directory.")
+
     def replay(self, dataset: tf.data.Dataset, start_step: int, end_step: int,
-               recompute: Callable[[int], None] | None = None) -> tf.data.Dataset:
+               recompute: Callable[[int], None] | None = None,
+               check_with: Callable[[Any], Any] | None = None) -> tf.data.Dataset:
         """`dataset` (batches from `start_step` on) with the stored logits as the teacher's.
 
         Each element `x` (an image tensor or a `{"student", "teacher"}` dict,
         optionally `(x, y)`) becomes `{"student": ..., "teacher_logits": stored}`
         for `Distiller.fit`; its teacher views are dropped. The result ends at
-        `end_step`.
+        `end_step`. With `check_with` (e.g. `distiller.teacher_logits`), the
+        teacher first runs once on the first batch, and a dataset that is not
+        the recorded one is refused (`check_step`).
         """
+        if check_with is not None:
+            first = next(iter(dataset.take(1)))
+            self.check_step(start_step, check_with(first[0] if isinstance(first, tuple)
+                                                   else first))
         logits = tf.data.Dataset.from_generator(
             lambda: self.logits_from(start_step, end_step, recompute),
             output_signature=tf.TensorSpec([self.batch_size, self.num_classes], tf.float32))

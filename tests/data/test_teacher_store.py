@@ -149,6 +149,24 @@ def test_a_run_resumed_mid_chunk_records_from_the_next_chunk(tmp_path):
     np.testing.assert_allclose(store.read_chunk(2), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_replay_of_other_batches_than_the_recorded_ones_is_refused(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, [40, 12, 12, 3], dtype=np.uint8)
+    source = sources.array_source(images, np.arange(40) % 3)
+    teacher = models.build("cnn:8", 3, 12)
+    distiller = Distiller(teacher, models.build("cnn:4", 3, 12))
+
+    def batches(seed):
+        return data.train_pipeline(source, batch_size=2, student_size=12, seed=seed)
+
+    for encoding in ("float32", "top1"):
+        store = _store(tmp_path / encoding, encoding=encoding)
+        store.fill(distiller.teacher_logits, lambda step: batches(0).skip(step), 0, 4)
+        replayed = store.replay(batches(0).skip(1), 1, 4, check_with=distiller.teacher_logits)
+        assert len(list(replayed)) == 3
+        with pytest.raises(StoreMismatchError, match="at step 1 differ .* seed the shuffle"):
+            store.replay(batches(1).skip(1), 1, 4, check_with=distiller.teacher_logits)
+
+
 def test_replay_recomputes_a_chunk_damaged_after_the_fill(tmp_path):
     store = _store(tmp_path)
 

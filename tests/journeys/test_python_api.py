@@ -1,5 +1,6 @@
 """README "Your own models and data (Python)": the block runs as written, and its student
-loads in a fresh process and agrees with the SavedModel it exported."""
+loads in a fresh process and agrees with the SavedModel it exported. README "Sweeps: one
+teacher pass", its Python block: the first run records a store, the other three replay it."""
 
 import json
 import re
@@ -36,3 +37,24 @@ def test_the_readme_python_block_distills_saves_and_exports(shell, readme):
     keras_logits, saved_logits = np.array(logits["keras"]), np.array(logits["saved_model"])
     assert keras_logits.shape == (16, 10)
     np.testing.assert_allclose(saved_logits, keras_logits, atol=1e-4)
+
+
+_REPLAYED = """
+import json, keras, numpy as np, tensorflow as tf
+from funmatch_keras.data.teacher_store import TeacherStore
+store = TeacherStore(store_dir := "sweep_store", json.load(open(store_dir + "/store.json")))
+print("RESULT", json.dumps({"missing": store.missing(0, 24),
+                            "shape": list(store.read_chunk(0).shape)}))
+"""
+
+
+def test_the_readme_sweep_block_records_once_and_replays(shell, readme):
+    block = readme.text.split("## Sweeps: one teacher pass", 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    result = shell.python(code)
+    losses = re.findall(r"T=(\d+\.\d): loss (\d+\.\d+)", result.stdout)
+    assert [t for t, _ in losses] == ["1.0", "2.0", "5.0", "10.0"], result.stdout
+    assert len({loss for _, loss in losses}) == 4  # each temperature trains its own student
+    check = shell.python(_REPLAYED)
+    stored = json.loads(check.stdout.split("RESULT", 1)[1])
+    assert stored == {"missing": [], "shape": [24, 32, 10]}
