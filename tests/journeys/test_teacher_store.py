@@ -101,6 +101,30 @@ def test_two_processes_fill_one_store_each_chunk_once(funmatch, tmp_path, fresh_
     assert "0 chunk(s) computed here, 0 missing" in out
 
 
+def test_two_runs_recording_one_store_at_once_write_each_chunk_once(funmatch, tmp_path,
+                                                                     fresh_env):
+    store = tmp_path / "store"
+    runs = {t: [sys.executable, str(tmp_path / "funmatch_dies.py"), "none", "0", "distill",
+                *_args(tmp_path), f"--config.teacher_store={store}",
+                f"--config.temperature={t}", f"--workdir={tmp_path / f't{t}'}"]
+            for t in ("1.0", "2.0")}
+    processes = [subprocess.Popen(command, cwd=tmp_path, env=fresh_env(), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for command in runs.values()]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    written = [re.findall(r"recorded \(chunk (\d)\)", out) for out, _ in outputs]
+    assert sorted(sum(written, [])) == ["0", "1", "2", "3"], written  # each chunk once
+    assert sorted(os.listdir(store)) == sorted(_chunks(store) + ["store.json"])
+    # What either run wrote is what the T=1 run's loss saw: a replay ends where it ended.
+    out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
+                   f"--workdir={tmp_path / 'replayed'}")
+    assert "32 step(s) replayed, 0 run live" in out and "computing" not in out
+    for got, want in zip(_weights(tmp_path / "replayed" / "student.keras"),
+                         _weights(tmp_path / "t1.0" / "student.keras")):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_killed_while_recording_a_resumed_run_and_a_replay_end_as_a_live_one(
         funmatch, tmp_path):
     store, run = tmp_path / "store", tmp_path / "run"
