@@ -24,6 +24,7 @@ from funmatch_keras.data.teacher_store import (
     META_FILE,
     StoreRecorder,
     TeacherStore,
+    check_same_encoding,
     fingerprint,
     teacher_function,
 )
@@ -55,7 +56,8 @@ def config_fingerprint(config: Any, teachers: Sequence[keras.Model], train_sourc
 
 
 def check_supported(config: Any, num_workers: int = 1) -> None:
-    """Refuses the runs a store cannot serve, naming what is missing."""
+    """Refuses the runs a store cannot serve, naming what is missing, and a run that asks
+    an existing store for another encoding: before anything is trained or written."""
     if config.mode == "fixed_teacher":
         raise ValueError("--config.teacher_store is for the modes that run the teacher at "
                          "every step; mode='fixed_teacher' computes its logits once and keeps "
@@ -65,6 +67,9 @@ def check_supported(config: Any, num_workers: int = 1) -> None:
                          f"({num_workers} workers): the store holds global batches, and "
                          "per-worker input pipelines would need a shard of it each. Train on "
                          "one worker (MirroredStrategy works), or drop --config.teacher_store.")
+    meta = recorded_meta(config.teacher_store) if config.teacher_store else None
+    if meta and config.teacher_store_encoding:
+        check_same_encoding(config.teacher_store, meta["encoding"], config.teacher_store_encoding)
 
 
 def recorded_meta(directory: str) -> dict[str, Any] | None:
@@ -75,6 +80,16 @@ def recorded_meta(directory: str) -> dict[str, Any] | None:
     with open(path) as f:
         text = f.read()
     return json.loads(text) if text else None
+
+
+def store_encoding(config: Any, meta: dict[str, Any] | None) -> str:
+    """The encoding a config's run asks of its store: the config's, else the store's
+    (`meta`, its `store.json`), else float32.
+
+    >>> store_encoding(configs.load_config("digits"), {"encoding": "top5"})
+    'top5'
+    """
+    return config.teacher_store_encoding or (meta or {}).get("encoding", "float32")
 
 
 def for_config(config: Any, distiller: Any, train_source: Any, num_classes: int, *,
@@ -110,7 +125,7 @@ def for_config(config: Any, distiller: Any, train_source: Any, num_classes: int,
                                  num_workers)
     store = TeacherStore.open(directory, current, num_classes=num_classes,
                               batch_size=config.batch_size,
-                              encoding=config.teacher_store_encoding,
+                              encoding=store_encoding(config, meta),
                               extra={"teacher_path": path.to_dict()})
     return store, distiller, info
 

@@ -237,7 +237,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(_positive_int(config.teacher_agreement_images), "must be a positive int",
           "teacher_agreement_images")
     try:
-        store_encoding_k(config.teacher_store_encoding)
+        if config.teacher_store_encoding is not None:
+            store_encoding_k(config.teacher_store_encoding)
     except ValueError as error:
         errors.append(f"teacher_store_encoding: {error}")
     check_teachers(config, check, _positive_int)

@@ -97,10 +97,11 @@ FIELDS: dict[str, Field] = {
         "None: the teacher runs at every step.",
     ),
     "teacher_store_encoding": Field(
-        "float32", (str,),
+        None, (str, NoneType),
         "How a new teacher store keeps the logits: 'float32' (exact), 'float16', "
         "'bfloat16' (half the disk), or 'top<K>' (each example's K largest logits and one "
-        "tail value, 4 * (2K + 1) bytes; e.g. 'top5'). An existing store's must match.",
+        "tail value, 4 * (2K + 1) bytes; e.g. 'top5'). None: an existing store's encoding, "
+        "'float32' for a new one. Given, an existing store's must match it.",
     ),
     # -- student --
     "student": Field("bit_r50x1", (str,), "Student model spec for `models.build`."),

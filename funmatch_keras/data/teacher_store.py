@@ -80,6 +80,20 @@ def check_encoding(encoding: str, num_classes: int) -> int | None:
     return k
 
 
+def check_same_encoding(directory: str, recorded: str, asked: str) -> None:
+    """Refuses a run that asks a store for another encoding than it holds.
+
+    Raises:
+        StoreMismatchError: naming both, and the fix.
+    """
+    if recorded != asked:
+        raise StoreMismatchError(
+            f"The teacher store {directory!r} holds {recorded!r} logits, and this run asks "
+            f"for {asked!r}. Replay it with its encoding "
+            f"(--config.teacher_store_encoding={recorded}, or leave the flag out), or "
+            f"record {asked!r} in another --config.teacher_store directory.")
+
+
 def encode_logits(logits: np.ndarray, encoding: str) -> np.ndarray:
     """Float32 logits `[..., classes]` as a store chunk holds them in `encoding`.
 
@@ -293,12 +307,7 @@ class TeacherStore:
             raise ValueError(f"The teacher store {directory!r} has format version "
                              f"{meta.get('format_version')}; this version reads "
                              f"{FORMAT_VERSION}. Use a new directory.")
-        if meta["encoding"] != encoding:
-            raise StoreMismatchError(
-                f"The teacher store {directory!r} holds {meta['encoding']!r} logits, and this "
-                f"run asks for {encoding!r}. Replay it with its encoding "
-                f"(--config.teacher_store_encoding={meta['encoding']}), or record "
-                f"{encoding!r} in another --config.teacher_store directory.")
+        check_same_encoding(directory, meta["encoding"], encoding)
         diff = differences(meta["fingerprint"], fingerprint)
         diff += [f"{name}: {meta[name]} -> {value}" for name, value in
                  (("num_classes", num_classes), ("batch_size", batch_size))

@@ -79,8 +79,8 @@ def test_split_fields_round_trip_and_older_configs_lack_them(smoke_config):
 
 
 def test_teacher_store_encoding_takes_the_four_forms_and_refuses_a_typo(smoke_config):
-    assert configs.load_config("digits").teacher_store_encoding == "float32"
-    for encoding in ("float32", "float16", "bfloat16", "top1", "top10"):
+    assert configs.load_config("digits").teacher_store_encoding is None  # the store's
+    for encoding in (None, "float32", "float16", "bfloat16", "top1", "top10"):
         configs.validate(smoke_config(teacher_store_encoding=encoding))
     for typo in ("flaot16", "top", "top0", "top-5", "bf16"):
         with pytest.raises(ValueError, match=rf"teacher_store_encoding: Unknown teacher store "

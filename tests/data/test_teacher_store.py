@@ -480,7 +480,8 @@ def test_mirrored_strategy_replays_what_it_recorded(tmp_path, teacher_file, two_
         assert diff <= 1e-6, (name, diff)
 
 
-def test_the_configs_encoding_reaches_the_store_and_replay_must_match_it(tmp_path, teacher_file):
+def test_the_configs_encoding_reaches_the_store_and_a_replay_takes_or_names_it(
+        tmp_path, teacher_file, traced_steps_on_stored_logits):
     store = str(tmp_path / "store")
     done = teacher_store_run.fill_for_config(
         _config(teacher_file, teacher_store_encoding="top3"), store, steps="0:8", verbose=0)
@@ -489,4 +490,11 @@ def test_the_configs_encoding_reaches_the_store_and_replay_must_match_it(tmp_pat
     [chunk] = [n for n in os.listdir(store) if n.endswith(".npy")]
     assert np.load(os.path.join(store, chunk), allow_pickle=False).shape == (8, 16, 7)
     with pytest.raises(StoreMismatchError, match=r"holds 'top3'.*asks for 'float32'"):
-        train.run(_config(teacher_file, teacher_store=store), str(tmp_path / "run"), verbose=0)
+        train.run(_config(teacher_file, teacher_store=store, teacher_store_encoding="float32"),
+                  str(tmp_path / "run"), verbose=0)
+    # Without one, the run takes the store's and replays it. The refusal came before
+    # anything was written, so the same workdir takes the corrected run.
+    steps = traced_steps_on_stored_logits
+    report = train.run(_config(teacher_file, teacher_store=store, epochs="1"),
+                       str(tmp_path / "run"), verbose=0)
+    assert report["steps"] == 8 and steps and all(steps)

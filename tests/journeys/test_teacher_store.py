@@ -189,21 +189,23 @@ def test_a_store_filled_ahead_is_replayed_and_another_seed_is_refused(funmatch, 
     assert "seed: 0 -> 1" in out and "teacher_store" in out
 
 
-def test_a_top_k_store_replays_with_its_encoding_and_refuses_another(funmatch, tmp_path):
+def test_a_top_k_store_replays_in_its_encoding_and_refuses_another(funmatch, tmp_path):
     store = tmp_path / "store"
     top3 = "--config.teacher_store_encoding=top3"
     funmatch("teacher-store", *_args(tmp_path), f"--store={store}", top3)
     assert json.loads((store / "store.json").read_text())["encoding"] == "top3"
     # 32 steps of batch 16: 4 (2K + 1) = 28 bytes per example, not float32's 40.
     assert [np.load(store / name).shape for name in _chunks(store)] == [(8, 16, 7)] * 4
-    out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}", top3,
+    # A run that names no encoding takes the store's; one that names another is refused.
+    out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
                    f"--workdir={tmp_path / 'replayed'}")
     assert "32 step(s) replayed, 0 run live" in out and "computing" not in out
     assert (tmp_path / "replayed" / "student.keras").is_file()
     out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
+                   "--config.teacher_store_encoding=float32",
                    f"--workdir={tmp_path / 'float32'}", expect=2)
     assert "holds 'top3' logits, and this run asks for 'float32'" in out
-    assert "--config.teacher_store_encoding=top3" in out
+    assert "--config.teacher_store_encoding=top3, or leave the flag out" in out
 
 
 def test_two_workers_are_refused_before_the_teacher_trains_or_a_file_is_written(
