@@ -480,6 +480,38 @@ def test_mirrored_strategy_replays_what_it_recorded(tmp_path, teacher_file, two_
         assert diff <= 1e-6, (name, diff)
 
 
+@pytest.fixture
+def second_teacher_file(tmp_path):
+    keras.utils.set_random_seed(8)
+    path = str(tmp_path / "teacher2.keras")
+    models.build("cnn:16,32", 10, 20).save(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["consistent", "independent", "cross_resolution",
+                                     "ensemble"])
+def test_every_mode_replays_what_its_first_run_recorded(tmp_path, teacher_file,
+                                                        second_teacher_file, variant,
+                                                        traced_steps_on_stored_logits):
+    """The recording run runs its teacher(s) live; the replay runs none and ends equal."""
+    overrides = {"consistent": {"mode": "consistent"},
+                 "independent": {"mode": "independent"},
+                 "cross_resolution": {"student_size": "12", "teacher_size": "16"},
+                 "ensemble": {"teacher": json.dumps([teacher_file, second_teacher_file]),
+                              "teacher_size": "[16, 20]"}}[variant]
+    store, steps = str(tmp_path / "store"), traced_steps_on_stored_logits
+    students = []
+    for name, replays in (("recorded", False), ("replayed", True)):
+        steps.clear()
+        config = _config(teacher_file, epochs="2", steps_per_epoch="4", teacher_store=store,
+                         **overrides)
+        train.run(config, str(tmp_path / name), verbose=0)
+        assert steps and all(s == replays for s in steps), (name, steps)
+        students.append(_student(tmp_path / name))
+    assert _max_diff(*students) == 0.0
+
+
 def test_the_configs_encoding_reaches_the_store_and_a_replay_takes_or_names_it(
         tmp_path, teacher_file, traced_steps_on_stored_logits):
     store = str(tmp_path / "store")

@@ -1,10 +1,12 @@
 """A sweep's teacher pass: `funmatch teacher-store` and `funmatch distill
 --config.teacher_store=DIR`, each step in a fresh process. Processes filling one store
-at once end with a complete store and compute each chunk once; a run that records its
-own steps, killed while writing a chunk and again while training, resumes, replays
-from the right step and ends where a live run ends; a hole and a damaged chunk are
-recomputed before a replay (with a warning for the damaged one); another seed is refused;
-two workers (`TF_CONFIG`) are refused before anything is trained or written.
+at once end with a complete store and compute each chunk once; two runs recording one
+store at once write each chunk once, and a replay of it ends where they ended; a run
+that records its own steps, killed while writing a chunk and again while training,
+resumes, replays from the right step and ends where a live run ends; a hole and a
+damaged chunk are recomputed before a replay (with a warning for the damaged one);
+another seed or encoding is refused; two workers (`TF_CONFIG`) are refused before
+anything is trained or written.
 """
 
 import json
