@@ -4,9 +4,11 @@ With one data seed, every run of a sweep (over lr, wd, T, or students) feeds its
 teacher the same images at each global step: the same crops, flips and mixup
 partners (`data.train_pipeline` is seeded and resumes exactly). A store records
 the teacher's logits of step k once (float32 by default, exactly; or a cheaper
-encoding, see `encode_logits`); every later run that shares the fingerprint
-and the encoding replays them as `{"student": x, "teacher_logits": l}` batches and
-never runs the teacher in its step.
+encoding, see `encode_logits`): by the first run itself, as it trains
+(`StoreRecorder`), or by a teacher-only pass ahead (`TeacherStore.fill`). Every
+later run that shares the fingerprint and the encoding replays them as
+`{"student": x, "teacher_logits": l}` batches and never runs the teacher in its
+step; `check_step` refuses a run whose batches are not the recorded ones.
 
 Layout of the directory:
 - `store.json`: format version, fingerprint, encoding, steps per chunk, classes,

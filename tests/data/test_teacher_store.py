@@ -378,12 +378,15 @@ def _config(teacher_path, **overrides):
     return configs.apply_overrides(config, values)
 
 
+def _saved_teacher(path, spec, size, seed):
+    keras.utils.set_random_seed(seed)
+    models.build(spec, 10, size).save(str(path))
+    return str(path)
+
+
 @pytest.fixture
 def teacher_file(tmp_path):
-    keras.utils.set_random_seed(7)
-    path = str(tmp_path / "teacher.keras")
-    models.build("cnn:32,64,128", 10, 16).save(path)
-    return path
+    return _saved_teacher(tmp_path / "teacher.keras", "cnn:32,64,128", 16, seed=7)
 
 
 def _student(workdir):
@@ -481,11 +484,8 @@ def test_mirrored_strategy_replays_what_it_recorded(tmp_path, teacher_file, two_
 
 
 @pytest.fixture
-def second_teacher_file(tmp_path):
-    keras.utils.set_random_seed(8)
-    path = str(tmp_path / "teacher2.keras")
-    models.build("cnn:16,32", 10, 20).save(path)
-    return path
+def second_teacher_file(tmp_path):  # another architecture and size, for an ensemble
+    return _saved_teacher(tmp_path / "teacher2.keras", "cnn:16,32", 20, seed=8)
 
 
 @pytest.mark.slow
