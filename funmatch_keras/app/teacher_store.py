@@ -177,24 +177,22 @@ def serve(store: TeacherStore, distiller: Any, make_dataset: Callable[[int], Any
             suffix -= 1
     record_from = (total_steps if suffix == len(chunks)
                    else chunks[suffix] * store.steps_per_chunk)
+
+    def fill_chunk(chunk: int) -> None:  # by a teacher pass: a hole, or a damaged chunk
+        first = chunk * store.steps_per_chunk
+        store.fill(teacher, make_dataset, first, min(total_steps, first + store.steps_per_chunk),
+                   log=log)
+
     ahead = [chunk for chunk in chunks[:suffix] if chunk in missing]
-    if ahead:
-        if verbose:
-            print(f"Teacher store {store.directory}: computing {len(ahead)} chunk(s) of "
-                  f"{store.steps_per_chunk} steps before training.", flush=True)
-        for chunk in ahead:
-            first = chunk * store.steps_per_chunk
-            store.fill(teacher, make_dataset, first,
-                       min(total_steps, first + store.steps_per_chunk), log=log)
+    if ahead and verbose:
+        print(f"Teacher store {store.directory}: computing {len(ahead)} chunk(s) of "
+              f"{store.steps_per_chunk} steps before training.", flush=True)
+    for chunk in ahead:
+        fill_chunk(chunk)
     if verbose:
         live = total_steps - max(start_step, record_from)
         print(f"Teacher store {store.directory}: {total_steps - start_step - live} step(s) "
               f"replayed, {live} run live and recorded.", flush=True)
-
-    def recompute(chunk: int) -> None:  # a chunk damaged after it was checked
-        first = chunk * store.steps_per_chunk
-        store.fill(teacher, make_dataset, first, min(total_steps, first + store.steps_per_chunk),
-                   log=log)
 
     checked = []
 
@@ -204,7 +202,8 @@ def serve(store: TeacherStore, distiller: Any, make_dataset: Callable[[int], Any
         # The first replayed batch of this process is checked against the teacher once.
         check = None if checked else teacher
         checked.append(step)
-        return store.replay(make_dataset(step), step, record_from, recompute, check_with=check)
+        return store.replay(make_dataset(step), step, record_from, fill_chunk,
+                            check_with=check)
 
     callbacks = []
     if record_from < total_steps:
