@@ -19,9 +19,13 @@ model, whatever its family:
    with random weights it grows with depth (20% of the logits' scale for
    BiT-R50x1 at 64 px), so only checkpoint-loaded tests pin it;
 5. SavedModel export (`model.export(path, format="tf_saved_model")`),
-   reloaded with `tf.saved_model.load`, gives the same outputs. It traces the
-   whole model, so it can be left out (`saved_model=False`) where another spec
-   of the same builder checks it.
+   reloaded with `tf.saved_model.load`, gives the same outputs.
+
+Checks 2, 4 and 5, and training the model as a student, exercise a builder's
+layers and their configs, which the larger members of a family (the same
+builder with more blocks or channels) share with its smallest member: with
+`family_checks=False` a spec gets checks 1 and 3 only, as the teacher of
+`SMALL_STUDENT`, its role in the recipe.
 
 The Distiller step runs last, as it freezes the model it is given. The model
 is freed once both files are written, each file is read back and deleted in
@@ -102,7 +106,7 @@ def _digests(model: keras.Model) -> list[bytes]:
 
 def run_model_spec_test(spec: str, tmp_path, num_classes: int = 3,
                         image_size: int = 32, batch: int = 2,
-                        run_eagerly: bool = True, saved_model: bool = True) -> None:
+                        run_eagerly: bool = True, family_checks: bool = True) -> None:
     """Runs the five checks of the module docstring on `models.build(spec, ...)`.
 
     Args:
@@ -113,8 +117,8 @@ def run_model_spec_test(spec: str, tmp_path, num_classes: int = 3,
             (`image_size_for`). Defaults to 32.
         batch: int. Images in the batch. Defaults to 2.
         run_eagerly: bool. For the Distiller step. Defaults to True.
-        saved_model: bool. Whether to check the SavedModel export (check 5).
-            Defaults to True.
+        family_checks: bool. Whether to run checks 2, 4 and 5 and train the
+            model as a student (see the module docstring). Defaults to True.
     """
     size = image_size_for(spec, image_size)
     images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype("float32")
@@ -129,57 +133,56 @@ def run_model_spec_test(spec: str, tmp_path, num_classes: int = 3,
     reference = _numpy(logits)
     layer_types = [type(layer) for layer in model.layers]
 
-    # Both files are written from the model, which is then freed: each is read
-    # back with no other copy of the weights in memory.
-    keras_path = os.path.join(str(tmp_path), "model.keras")
-    export_dir = os.path.join(str(tmp_path), "saved_model")
-    model.save(keras_path)
-    if saved_model:
+    if family_checks:
+        # Both files are written from the model, which is then freed: each is read
+        # back with no other copy of the weights in memory.
+        keras_path = os.path.join(str(tmp_path), "model.keras")
+        export_dir = os.path.join(str(tmp_path), "saved_model")
+        model.save(keras_path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.export(export_dir, format="tf_saved_model", verbose=False)
-    del model, logits
-    gc.collect()
+        del model, logits
+        gc.collect()
 
-    # 5. SavedModel export (compared once the model is back, below).
-    served = None
-    if saved_model:
+        # 5. SavedModel export (compared once the model is back, below).
         loaded = tf.saved_model.load(export_dir)
         served = _numpy(loaded.serve(tf.constant(images)))
         del loaded
         gc.collect()
         shutil.rmtree(export_dir)
 
-    # 2. .keras round trip. The restored model serves the checks below.
-    model = keras.saving.load_model(keras_path, safe_mode=True)
-    os.remove(keras_path)
-    assert [type(layer) for layer in model.layers] == layer_types
-    _assert_close(model(images, training=False), reference, 1e-6, ".keras round trip")
-    error, close = _max_error(served, reference, 1e-5) if saved_model else (0.0, True)
-    if not close:
-        # The SavedModel runs the traced graph. A deep network with random weights
-        # can be chaotic (EfficientNetV2L's logits reach 5e4, and its eager logits
-        # for one image change with the batch), so graph and eager kernels, which
-        # round apart, give other logits: then it must match the model traced here.
-        traced = tf.function(lambda x: model(x, training=False))(tf.constant(images))
-        _assert_close(served, traced, 1e-5,
-                      f"SavedModel (max |diff| {error:.3g} to eager, then to the traced model)")
+        # 2. .keras round trip. The restored model serves the checks below.
+        model = keras.saving.load_model(keras_path, safe_mode=True)
+        os.remove(keras_path)
+        assert [type(layer) for layer in model.layers] == layer_types
+        _assert_close(model(images, training=False), reference, 1e-6, ".keras round trip")
+        error, close = _max_error(served, reference, 1e-5)
+        if not close:
+            # The SavedModel runs the traced graph. A deep network with random weights
+            # can be chaotic (EfficientNetV2L's logits reach 5e4, and its eager logits
+            # for one image change with the batch), so graph and eager kernels, which
+            # round apart, give other logits: then it must match the model traced here.
+            traced = tf.function(lambda x: model(x, training=False))(tf.constant(images))
+            _assert_close(served, traced, 1e-5,
+                          f"SavedModel (max |diff| {error:.3g} to eager, then to the traced model)")
 
-    # 4. mixed_bfloat16, same weights.
-    half = models.build(spec, num_classes, size, dtype="mixed_bfloat16")
-    for target, source in zip(half.weights, model.weights, strict=True):
-        target.assign(source)  # same structure, float32 variables; no NumPy copy
-    weighted = [layer for layer in half.layers if layer.weights]
-    assert all(layer.compute_dtype == "bfloat16" for layer in weighted[:-1]), [
-        layer.name for layer in weighted[:-1] if layer.compute_dtype != "bfloat16"]
-    half_logits = half(images, training=False)
-    assert half_logits.dtype == "float32" and np.all(np.isfinite(_numpy(half_logits)))
-    del half
-    gc.collect()
+        # 4. mixed_bfloat16, same weights.
+        half = models.build(spec, num_classes, size, dtype="mixed_bfloat16")
+        for target, source in zip(half.weights, model.weights, strict=True):
+            target.assign(source)  # same structure, float32 variables; no NumPy copy
+        weighted = [layer for layer in half.layers if layer.weights]
+        assert all(layer.compute_dtype == "bfloat16" for layer in weighted[:-1]), [
+            layer.name for layer in weighted[:-1] if layer.compute_dtype != "bfloat16"]
+        half_logits = half(images, training=False)
+        assert half_logits.dtype == "float32" and np.all(np.isfinite(_numpy(half_logits)))
+        del half
+        gc.collect()
 
-    # 3. One Distiller step: the model teaches a fresh copy of itself (or, when it
-    # is too big to train here, a small CNN).
-    student_spec = spec if model.count_params() <= MAX_STUDENT_PARAMS else SMALL_STUDENT
+    # 3. One Distiller step: the model teaches a fresh copy of itself (or a small
+    # CNN: when it is too big to train here, or a larger member of its family).
+    student_spec = (spec if family_checks and model.count_params() <= MAX_STUDENT_PARAMS
+                    else SMALL_STUDENT)
     student = _give_zero_kernels_values(models.build(student_spec, num_classes, size), seed=2)
     teacher_before, student_before = _digests(model), _digests(student)
     distiller = Distiller(model, student, temperature=2.0)
@@ -208,7 +211,8 @@ class _SpecServer:
     def __init__(self):
         self.process = None
 
-    def run(self, spec: str, tmp_path, saved_model: bool, timeout_s: float) -> tuple[int, str]:
+    def run(self, spec: str, tmp_path, family_checks: bool,
+            timeout_s: float) -> tuple[int, str]:
         """The child's exit code and its output (stdout and stderr)."""
         if self.process is not None and self.process.poll() is not None:
             self.stop()  # it died: a new one
@@ -221,7 +225,7 @@ class _SpecServer:
                 start_new_session=True)  # its own process group, with its children
         log = os.path.join(str(tmp_path), "harness.log")
         self.process.stdin.write(json.dumps({"spec": spec, "dir": str(tmp_path), "log": log,
-                                             "saved_model": saved_model}) + "\n")
+                                             "family_checks": family_checks}) + "\n")
         self.process.stdin.flush()
         ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
         reply = self.process.stdout.readline() if ready else ""
@@ -251,14 +255,14 @@ class _SpecServer:
 _SERVER = _SpecServer()
 
 
-def run_model_spec_test_in_subprocess(spec: str, tmp_path, saved_model: bool = True,
+def run_model_spec_test_in_subprocess(spec: str, tmp_path, family_checks: bool = True,
                                       timeout_s: float = 900) -> None:
     """`run_model_spec_test` in a process of its own (forked; see `_SpecServer`).
 
     TensorFlow keeps the memory of a freed model: one pytest worker that built
     the larger specs in turn grew past 20 GB. A process per spec gives it back.
     """
-    code, output = _SERVER.run(spec, tmp_path, saved_model, timeout_s)
+    code, output = _SERVER.run(spec, tmp_path, family_checks, timeout_s)
     assert code == 0, f"{spec}: exit {code}\n{output[-4000:]}"
 
 
@@ -279,7 +283,7 @@ def _serve() -> None:
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
                 run_model_spec_test(request["spec"], request["dir"],
-                                    saved_model=request["saved_model"])
+                                    family_checks=request["family_checks"])
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -291,9 +295,9 @@ def _serve() -> None:
         print(os.waitstatus_to_exitcode(status), flush=True)
 
 
-if __name__ == "__main__":  # python -m tests.model_harness (SPEC DIR [--no-saved-model] | --serve)
+if __name__ == "__main__":  # python -m tests.model_harness (SPEC DIR [--teacher-only] | --serve)
     if sys.argv[1:] == ["--serve"]:
         _serve()
     else:
         run_model_spec_test(sys.argv[1], sys.argv[2],
-                            saved_model="--no-saved-model" not in sys.argv[3:])
+                            family_checks="--teacher-only" not in sys.argv[3:])

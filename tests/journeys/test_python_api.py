@@ -54,7 +54,10 @@ def test_the_readme_sweep_block_records_once_and_replays(shell, readme):
     result = shell.python(code)
     losses = re.findall(r"T=(\d+\.\d): loss (\d+\.\d+)", result.stdout)
     assert [t for t, _ in losses] == ["1.0", "2.0", "5.0", "10.0"], result.stdout
-    assert len({loss for _, loss in losses}) == 4  # each temperature trains its own student
+    # Each temperature trains its own student. With this untrained teacher the final
+    # losses lie within ~1e-3 of each other, so the block prints six decimals (four
+    # made two temperatures print the same loss in CI).
+    assert len({loss for _, loss in losses}) == 4, losses
     check = shell.python(_REPLAYED)
     stored = json.loads(check.stdout.split("RESULT", 1)[1])
     assert stored == {"missing": [], "shape": [24, 32, 10]}
