@@ -17,9 +17,12 @@ Layout of the directory:
   (`C` steps per chunk) in the store's encoding (`encode_logits`): an array
   `[rows, batch, classes]` (float32, float16, or bfloat16 as uint16 bits) or,
   for `"top<K>"`, `[rows, batch, 2K + 1]`; written atomically, named by the
-  sha256 of its bytes. A chunk whose bytes do not match its name is never
-  read: it is recomputed and rewritten, with a warning. Reading decodes it
-  to float32 `[rows, batch, classes]` (`decode_logits`);
+  sha256 of its bytes. Which chunks a store holds is read from the names and
+  the `.npy` headers (`stored_rows`: a truncated file is not held), so that a
+  run's start does not read the store; the bytes are checked when a chunk is
+  read. A chunk that fails either check is never fed to the loss: it is
+  deleted, with a warning, and recomputed. Reading decodes it to float32
+  `[rows, batch, classes]` (`decode_logits`);
 - `chunk-<k>.claim`: held (O_EXCL) by the process computing chunk k, so that
   processes sharing a store compute each chunk once; a claim whose process
   died is taken over.
@@ -398,10 +401,51 @@ class TeacherStore:
         """Steps chunk `chunk` must hold for a run of `end` steps."""
         return min(self.steps_per_chunk, end - chunk * self.steps_per_chunk)
 
+    def stored_rows(self, chunk: int) -> int:
+        """Steps chunk `chunk` holds (0 if none), from its files' names and `.npy` headers.
+
+        Reads no logits: a file whose size is not what its header declares (a
+        truncated copy) or whose layout is not the store's is deleted, with a
+        warning. Its bytes are checked against its name when it is read
+        (`read_chunk`).
+        """
+        rows = 0
+        for path in self._files(chunk):
+            with contextlib.suppress(FileNotFoundError):
+                held = self._header_rows(path)
+                if held is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                rows = max(rows, held or 0)
+        return rows
+
+    def _header_rows(self, path: str) -> int | None:
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran_order, dtype = read_header(f)
+                size = os.fstat(f.fileno()).st_size
+                complete = size == f.tell() + int(np.prod(shape)) * dtype.itemsize
+            except (ValueError, SyntaxError, EOFError):  # not an .npy header
+                shape, fortran_order, dtype, complete = (), False, None, False
+        if (complete and not fortran_order and len(shape) == 3
+                and shape[1:] == (self.batch_size, self._width) and dtype == self._dtype):
+            return shape[0]
+        logging.warning("The teacher store chunk %s is damaged (truncated, or not %s "
+                        "[steps, %d, %d]): it is recomputed and rewritten.", path,
+                        self._dtype, self.batch_size, self._width)
+        return None
+
     def missing(self, begin: int, end: int) -> list[int]:
-        """The chunks of steps `[begin, end)` that are absent, short or damaged."""
+        """The chunks of steps `[begin, end)` that are absent, short or truncated.
+
+        From file names and headers only (`stored_rows`): a chunk whose bytes
+        were altered in place is found when it is read, and recomputed then.
+        """
         return [k for k in self.chunks(begin, end)
-                if self.read_chunk(k, self.rows_needed(k, end)) is None]
+                if self.stored_rows(k) < self.rows_needed(k, end)]
 
     # -- claims --------------------------------------------------------------
 
@@ -477,7 +521,7 @@ class TeacherStore:
                     continue
                 try:
                     rows = self.rows_needed(chunk, end)
-                    if self.read_chunk(chunk, rows) is not None:  # written meanwhile
+                    if self.stored_rows(chunk) >= rows:  # written meanwhile
                         continue
                     first = chunk * self.steps_per_chunk
                     if position != first:
@@ -495,11 +539,12 @@ class TeacherStore:
                     self.release(chunk)
             todo = []
             for chunk in waiting:
-                while (self.read_chunk(chunk, self.rows_needed(chunk, end)) is None
+                rows = self.rows_needed(chunk, end)
+                while (self.stored_rows(chunk) < rows
                        and os.path.exists(self._claim_path(chunk))
                        and not self._stale(self._claim_path(chunk))):
                     time.sleep(_WAIT_S)
-                if self.read_chunk(chunk, self.rows_needed(chunk, end)) is None:
+                if self.stored_rows(chunk) < rows:
                     todo.append(chunk)  # its holder died or gave up: ours now
         return computed
 
@@ -697,7 +742,7 @@ class StoreRecorder(keras.callbacks.Callback):
             self._release()
             self._chunk = chunk
             self._claimed = (step == chunk * self.store.steps_per_chunk and step < self.end_step
-                             and self.store.read_chunk(chunk, self._rows_needed()) is None
+                             and self.store.stored_rows(chunk) < self._rows_needed()
                              and self.store.claim(chunk))
         self._next = step + 1
         if not self._claimed:

@@ -64,6 +64,39 @@ def test_a_damaged_chunk_is_never_read_and_is_deleted_with_a_warning(tmp_path, c
     assert store.missing(0, 4) == [0]
 
 
+def test_what_a_store_holds_is_read_from_names_and_headers_and_bytes_when_replayed(
+        tmp_path, monkeypatch, caplog):
+    """A run's start reads no logits (ImageNet's float32 store is 6 TB): `missing`
+    looks at names and `.npy` headers; a chunk altered in place is found when read."""
+    store = _store(tmp_path)
+    store.write_chunk(0, _logits(4))
+    store.write_chunk(1, _logits(2, seed=1))
+    [path] = tmp_path.glob("chunk-0000000-*.npy")
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1  # one flipped bit in the last logit: header and size intact
+    path.write_bytes(bytes(raw))
+
+    def no_reading(*args):
+        raise AssertionError("missing() read a chunk's logits")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TeacherStore, "_decode", no_reading)
+        assert store.missing(0, 6) == [] and store.missing(0, 8) == [1]
+        assert [store.stored_rows(k) for k in range(3)] == [4, 2, 0]
+    with caplog.at_level(logging.WARNING):
+        assert store.read_chunk(0) is None  # found when read, then deleted
+    assert "damaged" in caplog.text and not path.exists()
+    assert store.missing(0, 6) == [0]
+    # A header declaring another layout (same size: [4, 3, 2]) is not held either.
+    store.write_chunk(2, _logits(4, seed=2))
+    [mine] = tmp_path.glob("chunk-0000002-*.npy")
+    mine.write_bytes(mine.read_bytes().replace(b"(4, 2, 3)", b"(4, 3, 2)", 1))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert store.stored_rows(2) == 0
+    assert "damaged" in caplog.text and not mine.exists()
+
+
 def test_another_fingerprint_is_refused_naming_the_fields_that_differ(tmp_path):
     _store(tmp_path)
     with pytest.raises(StoreMismatchError, match=r"seed: 0 -> 1") as error:

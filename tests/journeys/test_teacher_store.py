@@ -4,7 +4,8 @@ at once end with a complete store and compute each chunk once; two runs recordin
 store at once write each chunk once, and a replay of it ends where they ended; a run
 that records its own steps, killed while writing a chunk and again while training,
 resumes, replays from the right step and ends where a live run ends; a hole and a
-damaged chunk are recomputed before a replay (with a warning for the damaged one);
+truncated chunk are recomputed before a replay, a chunk with a flipped bit when it is
+replayed (with a warning for each damaged one);
 another seed or encoding is refused; two workers (`TF_CONFIG`) are refused before
 anything is trained or written.
 """
@@ -156,14 +157,20 @@ def test_killed_while_recording_a_resumed_run_and_a_replay_end_as_a_live_one(
     report = json.loads((run / "report.json").read_text())
     assert report["teacher_path"]["reason"].startswith("read from the teacher store")
     # A whole replay: the hole (chunk 2, the killed process's claim still on it) and a
-    # chunk damaged meanwhile are computed before training, with a warning for the
-    # damaged one, which is never fed to the loss.
-    damaged = store / _chunks(store)[0]
-    damaged.write_bytes(damaged.read_bytes()[:-8])
+    # chunk truncated meanwhile (chunk 0, found from its header) are computed before
+    # training; a chunk with a flipped bit (chunk 1: its header and size intact) is found
+    # when replayed and computed then. Neither damaged one is fed to the loss.
+    truncated, flipped = store / _chunks(store)[0], store / _chunks(store)[1]
+    truncated.write_bytes(truncated.read_bytes()[:-8])
+    original = flipped.read_bytes()
+    flipped.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     out = funmatch("distill", *_args(tmp_path), f"--config.teacher_store={store}",
                    f"--workdir={tmp_path / 'replayed'}")
-    assert "damaged" in out and "computing 2 chunk(s) of 8 steps before training" in out
+    assert "computing 2 chunk(s) of 8 steps before training" in out, out[-3000:]
+    assert f"{truncated.name} is damaged (truncated" in out
+    assert f"{flipped.name} is damaged (its sha256" in out
     assert "32 step(s) replayed, 0 run live" in out, out[-3000:]
+    assert flipped.read_bytes() == original  # recomputed: the same logits, bit for bit
     assert sorted(os.listdir(store)) == sorted(_chunks(store) + ["store.json"])  # no claims
     assert len(_chunks(store)) == 4
     for got, expected in zip(_weights(tmp_path / "replayed" / "student.keras"), want):
